@@ -1,0 +1,1 @@
+"""Shared library of textworld-rl: games, env, prompts, models, losses, rollouts."""

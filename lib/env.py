@@ -1,0 +1,310 @@
+"""The batched TextWorld environment: B games stepping in parallel, one worker process each.
+
+Each slot plays a sequence of episodes. Episode k of this process plays game `order[k % len(games)]` (the game list
+reshuffled by the seed every pass when `shuffle`), handed to slots in slot order as they finish, so the same seed
+and the same finishing pattern give the same games. A finished episode is reset onto the next one at once (auto-
+reset); with `num_episodes` set, a slot whose episodes ran out goes idle (its state is None).
+
+Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each
+slot to move on alone; and a worker that dies or hangs must be replaced without losing the others.
+"""
+
+import multiprocessing as mp
+import random
+import sys
+import types
+from dataclasses import dataclass
+
+STEP_TIMEOUT_S = 60.0
+
+
+@dataclass
+class GameState:
+    """What one game shows after a reset or a step; plain data, safe to send between processes."""
+
+    game: str
+    episode: int
+    observation: str
+    score: int
+    max_score: int
+    moves: int
+    won: bool
+    lost: bool
+    admissible_commands: list[str]
+    objective: str
+    inventory: str
+    walkthrough: list[str] | None
+    steps: int = 0  # commands sent in this episode (TextWorld's `moves` skips some)
+
+
+@dataclass
+class StepResult:
+    """One slot's step: the reward (score change), how the episode ended, and the state to act on next."""
+
+    command: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    state: GameState  # right after the command: the final state when the episode ended
+    next_state: GameState | None  # the state to act on next: a new episode's after an auto-reset, None when idle
+    crashed: bool = False
+    invalid: bool = False  # the command was not among the admissible ones
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+
+def _env_infos():
+    from textworld import EnvInfos
+
+    return EnvInfos(
+        admissible_commands=True,
+        objective=True,
+        inventory=True,
+        max_score=True,
+        score=True,
+        moves=True,
+        won=True,
+        lost=True,
+        extras=["walkthrough"],
+    )
+
+
+def _pack(game_state, done: bool) -> dict:
+    return {
+        "observation": game_state.feedback or "",
+        "score": int(game_state["score"] or 0),
+        "max_score": int(game_state["max_score"] or 0),
+        "moves": int(game_state["moves"] or 0),
+        "won": bool(game_state["won"]),
+        "lost": bool(game_state["lost"]),
+        "admissible_commands": list(game_state["admissible_commands"] or []),
+        "objective": game_state["objective"] or "",
+        "inventory": game_state["inventory"] or "",
+        "walkthrough": game_state.get("extra.walkthrough"),
+        "done": bool(done),
+    }
+
+
+def _worker(conn) -> None:
+    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None)."""
+    import textworld
+
+    env, loaded = None, None
+    infos = _env_infos()
+    while True:
+        request, argument = conn.recv()
+        if request == "close":
+            break
+        if request == "reset":
+            if argument != loaded:
+                if env is not None:
+                    env.close()
+                env, loaded = textworld.start(argument, infos), argument
+            conn.send(_pack(env.reset(), False))
+        elif request == "step":
+            game_state, _, done = env.step(argument)
+            conn.send(_pack(game_state, done))
+    if env is not None:
+        env.close()
+    conn.close()
+
+
+class _Worker:
+    """One game process and its pipe; replaced whole when it dies or hangs."""
+
+    def __init__(self, context):
+        self.context = context
+        self.start()
+
+    def start(self):
+        self.conn, child = self.context.Pipe()
+        self.process = self.context.Process(target=_worker, args=(child,), daemon=True)
+        # forkserver children re-run the parent's main script (its __file__ or module name) before the target: for a
+        # training script that is torch, transformers, ... again in every worker, seconds of CPU each (16 workers on
+        # 2 cores: ~90 s of start-up). `_worker` needs none of it, so the start sees a main module without either.
+        main = sys.modules["__main__"]
+        sys.modules["__main__"] = types.ModuleType("__main__")
+        try:
+            self.process.start()
+        finally:
+            sys.modules["__main__"] = main
+        child.close()
+
+    def send(self, request, argument) -> bool:
+        try:
+            self.conn.send((request, argument))
+            return True
+        except (BrokenPipeError, EOFError, OSError):
+            return False
+
+    def receive(self, timeout: float) -> dict | None:
+        try:
+            if self.conn.poll(timeout):
+                return self.conn.recv()
+        except (EOFError, OSError):
+            pass
+        return None
+
+    def restart(self):
+        self.kill()
+        self.start()
+
+    def kill(self):
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(timeout=5)
+        self.conn.close()
+
+
+class BatchEnv:
+    """B TextWorld games in parallel processes with auto-reset, step limits and crash recovery.
+
+    `games` is split by `rank` over `world_size` processes of a distributed run. `reset()` returns the first states;
+    `step(commands)` takes one command per slot (None for idle slots) and returns one StepResult (or None) per slot.
+    """
+
+    def __init__(
+        self,
+        games: list[str],
+        num_envs: int,
+        max_episode_steps: int = 50,
+        num_episodes: int | None = None,
+        shuffle: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        step_timeout: float = STEP_TIMEOUT_S,
+    ):
+        if not games:
+            raise ValueError("no games given to the environment")
+        if world_size > len(games):
+            raise ValueError(
+                f"{world_size} processes but only {len(games)} games: every process needs at least one game; "
+                "use more games or fewer processes"
+            )
+        if num_envs < 1 or max_episode_steps < 1:
+            raise ValueError("num_envs and max_episode_steps must be at least 1")
+        self.games = list(games)[rank::world_size]
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.num_episodes = num_episodes
+        self.shuffle = shuffle
+        self.seed = seed
+        self.step_timeout = step_timeout
+        self.restarts = 0
+        self._order: list[str] = []
+        self._next_episode = 0
+        self._assigned: list[tuple[int, str] | None] = [None] * num_envs
+        self._states: list[GameState | None] = [None] * num_envs
+        context = mp.get_context("forkserver")
+        context.set_forkserver_preload(["textworld"])
+        self._workers = [_Worker(context) for _ in range(num_envs)]
+
+    def _game_for_episode(self, episode: int) -> str:
+        while len(self._order) <= episode:
+            order = list(self.games)
+            if self.shuffle:
+                cycle = len(self._order) // len(self.games)
+                random.Random(self.seed * 1_000_003 + cycle).shuffle(order)
+            self._order += order
+        return self._order[episode]
+
+    def _take_episode(self) -> tuple[int, str] | None:
+        if self.num_episodes is not None and self._next_episode >= self.num_episodes:
+            return None
+        episode = self._next_episode
+        self._next_episode += 1
+        return episode, self._game_for_episode(episode)
+
+    def _state(self, slot: int, packed: dict, steps: int) -> GameState:
+        episode, game = self._assigned[slot]
+        fields = {k: v for k, v in packed.items() if k != "done"}
+        return GameState(game=game, episode=episode, steps=steps, **fields)
+
+    def _reset_slots(self, slots: list[int]) -> None:
+        """Start the next episode in each slot (in slot order, for determinism); idle when none are left."""
+        for slot in slots:
+            self._assigned[slot] = self._take_episode()
+        pending = [s for s in slots if self._assigned[s] is not None]
+        for slot in pending:
+            self._workers[slot].send("reset", self._assigned[slot][1])
+        for slot in pending:
+            packed = self._workers[slot].receive(self.step_timeout)
+            while packed is None:  # a game that cannot even start on a fresh process is broken: raise then
+                self._workers[slot].restart()
+                self.restarts += 1
+                if self.restarts > 10 * self.num_envs:
+                    raise RuntimeError(f"game {self._assigned[slot][1]} keeps crashing its process on reset")
+                self._workers[slot].send("reset", self._assigned[slot][1])
+                packed = self._workers[slot].receive(self.step_timeout)
+            self._states[slot] = self._state(slot, packed, 0)
+        for slot in slots:
+            if self._assigned[slot] is None:
+                self._states[slot] = None
+
+    def reset(self) -> list[GameState | None]:
+        """Start fresh: episode numbering and the game order restart from the beginning."""
+        self._next_episode, self._order = 0, []
+        self._reset_slots(list(range(self.num_envs)))
+        return list(self._states)
+
+    @property
+    def states(self) -> list[GameState | None]:
+        return list(self._states)
+
+    def step(self, commands: list[str | None]) -> list[StepResult | None]:
+        if len(commands) != self.num_envs:
+            raise ValueError(f"expected {self.num_envs} commands, got {len(commands)}")
+        active = [s for s in range(self.num_envs) if self._states[s] is not None]
+        for slot in active:
+            if commands[slot] is None:
+                raise ValueError(f"slot {slot} is playing but got no command")
+            self._workers[slot].send("step", commands[slot])
+        results: list[StepResult | None] = [None] * self.num_envs
+        finished = []
+        for slot in active:
+            before = self._states[slot]
+            packed = self._workers[slot].receive(self.step_timeout)
+            crashed = packed is None
+            if crashed:
+                # The process died or hung: replace it; the episode ends truncated where it stood.
+                self._workers[slot].restart()
+                self.restarts += 1
+                after = GameState(**{**before.__dict__, "steps": before.steps + 1})
+                terminated = False
+            else:
+                after = self._state(slot, packed, before.steps + 1)
+                terminated = packed["done"] or after.won or after.lost
+            truncated = not terminated and (crashed or after.steps >= self.max_episode_steps)
+            results[slot] = StepResult(
+                command=commands[slot],
+                reward=float(after.score - before.score),
+                terminated=terminated,
+                truncated=truncated,
+                state=after,
+                next_state=after,
+                crashed=crashed,
+                invalid=commands[slot] not in before.admissible_commands,
+            )
+            self._states[slot] = after
+            if terminated or truncated:
+                finished.append(slot)
+        self._reset_slots(finished)
+        for slot in finished:
+            results[slot].next_state = self._states[slot]
+        return results
+
+    def close(self) -> None:
+        for worker in self._workers:
+            worker.send("close", None)
+        for worker in self._workers:
+            worker.process.join(timeout=5)
+            worker.kill()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,221 @@
+"""Playing a fixed number of episodes with an agent and reporting how well it did, per game and overall.
+
+Used by play.py and by the training scripts' periodic held-out evaluation. Episode k (counted over all processes)
+plays game k % len(games), so every game gets the same share of episodes whatever their lengths. In a distributed
+run each rank plays the episodes of its games (BatchEnv splits games by rank) and `merge_reports` of the gathered
+per-rank reports gives the same report as one process would.
+
+Report keys: agent, episodes, normalized_score (mean of final score / max score), win_rate, mean_steps,
+invalid_rate (non-admissible commands / commands), mean_score, and `games`, one dict per game with the same
+metrics. Metrics of a game (or a rank) without episodes are None.
+
+Transcripts: one dict per turn with game, episode (global number), step (0-based, within the episode), prompt (the
+prompt text; the cleaned observation for agents that read no prompts), response (the agent's raw text), command,
+observation (the game's raw answer), reward, score, max_score, done, won, invalid.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from lib.agents import Agent, SessionEnded
+from lib.env import BatchEnv
+from lib.games import game_name
+from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
+
+GAME_METRICS = ("normalized_score", "win_rate", "mean_steps", "invalid_rate")
+TABLE_COLUMNS = ("episodes", "norm score", "win rate", "steps", "invalid")
+
+
+@dataclass
+class EvalResult:
+    report: dict
+    transcripts: list[dict]  # one dict per turn, see the module docstring
+
+
+def episode_record(game: str, score: int, max_score: int, won: bool, steps: int, invalid: int) -> dict:
+    return {"game": game, "score": score, "max_score": max_score, "won": won, "steps": steps, "invalid": invalid}
+
+
+def _metrics(episodes: list[dict]) -> dict:
+    if not episodes:
+        return {"episodes": 0, **dict.fromkeys(GAME_METRICS)}
+    commands = sum(e["steps"] for e in episodes)
+    return {
+        "episodes": len(episodes),
+        # A game without points (max_score 0) counts as fully solved only when won.
+        "normalized_score": sum(e["score"] / e["max_score"] if e["max_score"] else float(e["won"]) for e in episodes)
+        / len(episodes),
+        "win_rate": sum(e["won"] for e in episodes) / len(episodes),
+        "mean_steps": commands / len(episodes),
+        "invalid_rate": sum(e["invalid"] for e in episodes) / commands if commands else None,
+    }
+
+
+def summarize_episodes(episodes: list[dict], agent: str, games: list[str]) -> dict:
+    """Per-episode records (see `episode_record`) -> the report; `games` (names) fixes the per-game rows' order."""
+    overall = _metrics(episodes)
+    mean_score = sum(e["score"] for e in episodes) / len(episodes) if episodes else None
+    rows = [{"game": name, **_metrics([e for e in episodes if e["game"] == name])} for name in dict.fromkeys(games)]
+    return {"agent": agent, **overall, "mean_score": mean_score, "games": rows}
+
+
+def _weighted_mean(values: list, weights: list[float]) -> float | None:
+    """Mean of `values` weighted by `weights`, skipping parts without weight (their values are None)."""
+    total = sum(weights)
+    return sum(w * v for v, w in zip(values, weights) if w) / total if total else None
+
+
+def _merge_metrics(parts: list[dict]) -> dict:
+    episodes = [p["episodes"] for p in parts]
+    merged = {"episodes": sum(episodes)}
+    for key in ("normalized_score", "win_rate", "mean_steps"):
+        merged[key] = _weighted_mean([p[key] for p in parts], episodes)
+    # The invalid rate is per command: weight each part by its number of commands (episodes * mean steps).
+    commands = [p["episodes"] * (p["mean_steps"] or 0) for p in parts]
+    merged["invalid_rate"] = _weighted_mean([p["invalid_rate"] for p in parts], commands)
+    return merged
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Per-rank reports, in rank order -> the global report (episode-weighted; invalid rate command-weighted)."""
+    if not reports:
+        raise ValueError("no reports to merge")
+    rows: dict[str, list[dict]] = {}
+    # Rank r holds games r, r + W, r + 2W, ...: taking the ranks' rows in turn restores the original game order.
+    for index in range(max(len(r["games"]) for r in reports)):
+        for report in reports:
+            if index < len(report["games"]):
+                row = report["games"][index]
+                rows.setdefault(row["game"], []).append(row)
+    merged = {"agent": reports[0]["agent"], **_merge_metrics(reports)}
+    merged["mean_score"] = _weighted_mean([r["mean_score"] for r in reports], [r["episodes"] for r in reports])
+    merged["games"] = [{"game": name, **_merge_metrics(parts)} for name, parts in rows.items()]
+    return merged
+
+
+def rank_episodes(num_episodes: int, num_games: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """The global episode numbers that `rank` plays: those whose game (k % num_games) belongs to it."""
+    return [k for k in range(num_episodes) if (k % num_games) % world_size == rank]
+
+
+def _format(value, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.2f}"
+
+
+def format_report_table(report: dict) -> str:
+    """A fixed-width table: one row per game, then the overall row."""
+    rows = [("game", *TABLE_COLUMNS)]
+    for part in report["games"] + [{"game": f"all ({report['agent']})", **report}]:
+        rows.append((
+            part["game"],
+            str(part["episodes"]),
+            _format(part["normalized_score"], percent=True),
+            _format(part["win_rate"], percent=True),
+            _format(part["mean_steps"], percent=False),
+            _format(part["invalid_rate"], percent=True),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    lines.insert(len(lines) - 1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def evaluate(
+    agent: Agent,
+    games: list[str],
+    num_episodes: int,
+    num_envs: int,
+    max_episode_steps: int,
+    prompt_config: PromptConfig,
+    tokenizer=None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: bool = True,
+    sync_active: Callable[[bool], bool] | None = None,
+) -> EvalResult:
+    """Play `num_episodes` episodes (over all ranks; this rank plays its share) and report; see the module docstring.
+
+    `sync_active(this_rank_playing) -> any_rank_playing` (e.g. an all-reduce) keeps the ranks in lockstep until all
+    are done, for a model sharded with ZeRO-3 (`synced_gpus`), whose every generate call needs every rank: a rank
+    without games left keeps calling the agent with idle slots. A human agent that quits ends the run early: the
+    report covers the episodes finished by then.
+    """
+    if num_episodes < 1:
+        raise ValueError(f"num_episodes must be at least 1, got {num_episodes}")
+    if agent.needs_prompts and tokenizer is None:
+        raise ValueError(f"the {agent.name} agent reads prompts: pass the tokenizer that builds them")
+    if agent.max_envs is not None and num_envs > agent.max_envs:
+        raise ValueError(
+            f"the {agent.name} agent plays at most {agent.max_envs} game(s) at once, got num_envs={num_envs}"
+        )
+    episode_ids = rank_episodes(num_episodes, len(games), rank, world_size)
+    names = [game_name(g) for g in games[rank::world_size]]
+    episodes: list[dict] = []
+    transcripts: list[dict] = []
+    num_envs = max(1, min(num_envs, len(episode_ids)))
+
+    def still_playing(states) -> bool:
+        playing = any(state is not None for state in states)
+        return sync_active(playing) if sync_active else playing
+
+    bar = tqdm(total=len(episode_ids), desc=f"eval {agent.name}", disable=not progress)
+    with BatchEnv(games, num_envs, max_episode_steps, num_episodes=len(episode_ids), seed=seed, rank=rank,
+                  world_size=world_size) as env:
+        states = env.reset()
+        histories: list[list[Turn]] = [[] for _ in range(num_envs)]
+        invalid = [0] * num_envs
+        while still_playing(states):
+            observations = [None if s is None else clean_observation(s.observation, s.objective) for s in states]
+            prompts = list(observations)
+            if agent.needs_prompts:
+                prompts = [
+                    None if s is None else build_prompt(
+                        s.objective, obs, s.inventory, s.admissible_commands, history, prompt_config, tokenizer
+                    )
+                    for s, obs, history in zip(states, observations, histories)
+                ]
+            try:
+                commands = agent.act(states, prompts if agent.needs_prompts else [None] * num_envs)
+            except SessionEnded:
+                break
+            responses = agent.responses(commands)
+            results = env.step(commands)
+            agent.observe(results)
+            for slot, result in enumerate(results):
+                if result is None:
+                    continue
+                after = result.state
+                invalid[slot] += result.invalid
+                transcripts.append({
+                    "game": game_name(after.game),
+                    "episode": episode_ids[after.episode],
+                    "step": after.steps - 1,
+                    "prompt": prompts[slot],
+                    "response": responses[slot],
+                    "command": result.command,
+                    "observation": after.observation,
+                    "reward": result.reward,
+                    "score": after.score,
+                    "max_score": after.max_score,
+                    "done": result.done,
+                    "won": after.won,
+                    "invalid": result.invalid,
+                })
+                if result.done:
+                    episodes.append(episode_record(
+                        game_name(after.game), after.score, after.max_score, after.won, after.steps, invalid[slot]
+                    ))
+                    histories[slot], invalid[slot] = [], 0
+                    bar.update()
+                else:
+                    histories[slot].append(Turn(observations[slot], result.command))
+            states = [None if result is None else result.next_state for result in results]
+    bar.close()
+    return EvalResult(summarize_episodes(episodes, agent.name, names), transcripts)

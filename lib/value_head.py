@@ -1,0 +1,162 @@
+"""The value head, the policy-with-value module that PPO trains, and which of the policy's layers train.
+
+The value head maps the policy's last hidden state (after the final norm) at every position to a scalar: a linear
+layer, or a 2-layer MLP. It lives in its own file, `value_head.safetensors`, beside the policy's weights, with its
+settings in the file's metadata, so a saved policy stays a plain causal LM that any script can load.
+
+`PolicyWithValue` wraps the LM and the head in ONE module so that DeepSpeed (or DDP) prepares one model with one
+optimizer. Its forward runs the decoder once and applies the LM head and the value head only to the positions asked
+for (the response positions), since full-sequence logits are the biggest tensor of a PPO step.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+VALUE_HEAD_TYPES = ("linear", "mlp")
+
+
+class ValueHead(nn.Module):
+    """hidden (..., H) -> value (...). `detach_input` stops the value loss from moving the LM under it.
+
+    The output layer starts at zero, so every value starts at 0 instead of at a random offset the policy would
+    first have to unlearn through noisy advantages.
+    """
+
+    def __init__(self, hidden_size: int, head_type: str = "linear", mlp_hidden_size: int = 0, detach_input: bool = False):
+        super().__init__()
+        if head_type not in VALUE_HEAD_TYPES:
+            raise ValueError(f"unknown value head type {head_type!r}; choose one of {', '.join(VALUE_HEAD_TYPES)}")
+        self.hidden_size = hidden_size
+        self.head_type = head_type
+        self.mlp_hidden_size = mlp_hidden_size or hidden_size
+        self.detach_input = detach_input
+        if head_type == "linear":
+            self.net = nn.Linear(hidden_size, 1)
+        else:
+            self.net = nn.Sequential(
+                nn.Linear(hidden_size, self.mlp_hidden_size), nn.GELU(), nn.Linear(self.mlp_hidden_size, 1)
+            )
+        output = self.net if head_type == "linear" else self.net[-1]
+        nn.init.zeros_(output.weight)
+        nn.init.zeros_(output.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.detach_input:
+            hidden = hidden.detach()
+        weight = next(self.net.parameters())
+        return self.net(hidden.to(weight.dtype)).squeeze(-1)
+
+    def config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "head_type": self.head_type,
+            "mlp_hidden_size": self.mlp_hidden_size,
+            "detach_input": self.detach_input,
+        }
+
+
+def save_value_head(head: ValueHead, folder: str | Path, state_dict: dict | None = None) -> Path:
+    """Write `folder/value_head.safetensors`; `state_dict` for weights gathered under ZeRO-3."""
+    from safetensors.torch import save_file
+
+    state_dict = head.state_dict() if state_dict is None else state_dict
+    tensors = {name: tensor.detach().float().cpu().contiguous() for name, tensor in state_dict.items()}
+    path = Path(folder) / VALUE_HEAD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"config": json.dumps(head.config())})
+    return path
+
+
+def load_value_head(folder: str | Path) -> ValueHead:
+    """The head saved by `save_value_head` in `folder` (its settings come from the file's metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(folder) / VALUE_HEAD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {VALUE_HEAD_FILE} in {folder}: it was not saved by ppo_textworld.py")
+    with safe_open(str(path), framework="pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    head = ValueHead(**config)
+    head.load_state_dict(load_file(str(path)))
+    return head
+
+
+class PolicyWithValue(nn.Module):
+    """A causal LM and its value head as one module: the parameters are `policy.*` and `value_head.*`."""
+
+    def __init__(self, policy: nn.Module, value_head: ValueHead):
+        super().__init__()
+        self.policy = policy
+        self.value_head = value_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        start: int,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, end - start, V), values (B, end - start)) at positions start..end-1 of the sequences."""
+        hidden = decoder_hidden(self.policy, input_ids, attention_mask, position_ids)[:, start:end]
+        return self.policy.get_output_embeddings()(hidden), self.value_head(hidden)
+
+
+def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
+    """The decoder's last hidden state (after its final norm), (B, L, H), without computing any logits."""
+    decoder = model.get_decoder()
+    output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+    return output.last_hidden_state
+
+
+def response_logits(model, input_ids, attention_mask, position_ids, start: int, end: int) -> torch.Tensor:
+    """A plain LM's logits at positions start..end-1 only (for the reference model).
+
+    One call of the whole model (`logits_to_keep` keeps the tail), so that `model` may also be a DeepSpeed engine:
+    ZeRO-3 gathers weights in hooks that expect the forward to enter at the top module.
+    """
+    keep = input_ids.shape[1] - start
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep,
+                   use_cache=False).logits
+    return logits[:, : end - start]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The LM's stack of decoder blocks: the ModuleList holding `num_hidden_layers` blocks."""
+    count = model.config.num_hidden_layers
+    for module in model.get_decoder().modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}; use --trainable_layers_fraction 1")
+
+
+def freeze_lower_layers(model: nn.Module, fraction: float) -> list[str]:
+    """Train only the last `fraction` of the decoder layers, the final norm, and the LM head when it is not tied to
+    the input embeddings; everything below stays frozen, so backward stops at the first trainable layer.
+
+    fraction 1 trains every parameter (embeddings included). Returns the names of the trainable parameters.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"trainable_layers_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        model.requires_grad_(True)
+        return [name for name, _ in model.named_parameters()]
+    layers = decoder_layers(model)
+    num_trainable = max(1, math.ceil(fraction * len(layers)))
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - num_trainable :]:
+        layer.requires_grad_(True)
+    decoder = model.get_decoder()
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(decoder, "ln_f", None)
+    if norm is not None:
+        norm.requires_grad_(True)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]

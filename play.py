@@ -1,0 +1,224 @@
+"""Play TextWorld games with an agent (random, the walkthrough, you, or a language model) and report how it did.
+
+    python play.py --agent random --games default --num_episodes 12
+    python play.py --agent walkthrough --output_dir outputs/walkthrough
+    python play.py --agent human --games tiny
+    python play.py --agent model --model_name_or_path outputs/ppo --output_dir outputs/eval
+    python play.py my_eval.yaml                      # the same flags, read from a YAML file
+
+Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
+--output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
+`datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
+`huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded.
+"""
+
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import HfArgumentParser, set_seed
+
+from lib.agents import HumanAgent, ModelAgent, RandomAgent, WalkthroughAgent
+from lib.evaluation import evaluate, format_report_table
+from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
+from lib.generation import GenerationConfig
+from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
+from lib.prompts import PROMPT_FORMATS, PromptConfig
+
+AGENTS = ("random", "walkthrough", "human", "model")
+SPLITS = ("train", "eval")
+REPORT_FILE = "report.json"
+TRANSCRIPTS_DIR = "transcripts"
+
+
+@dataclass
+class Args:
+    agent: str = field(default="model", metadata={"help": f"who plays: one of {', '.join(AGENTS)}"})
+    games: str = field(
+        default="default",
+        metadata={"help": "named set (default, tiny, coin, ...), generator spec (tw-coin_collector:level=5:n=8), "
+                          "or game files / folders / globs, comma-joined"},
+    )
+    split: str = field(default="eval", metadata={"help": "which split of a named set or spec: eval or train"})
+    num_episodes: int | None = field(
+        default=None,
+        metadata={"help": "episodes to play in all (episode k plays game k mod #games); default: one per game"},
+    )
+    num_envs: int = field(default=8, metadata={"help": "games played in parallel (the human agent always plays one)"})
+    max_episode_steps: int = field(default=50, metadata={"help": "commands per episode before it is cut off"})
+    seed: int = field(default=0, metadata={"help": "seed of the random agent and of the model's sampling"})
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": f"folder for {REPORT_FILE} and the {TRANSCRIPTS_DIR}/ dataset; none: print only"},
+    )
+    push_to_hub: str | None = field(
+        default=None, metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to"}
+    )
+    model_name_or_path: str = field(
+        default=DEFAULT_MODEL,
+        metadata={"help": "model agent: Hub id, model folder, training output folder, or .gguf file"},
+    )
+    dtype: str = field(default="float32", metadata={"help": f"model weights dtype: {', '.join(DTYPES)}"})
+    device: str = field(
+        default="auto", metadata={"help": "model device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the Hub repo to run"})
+    do_sample: bool = field(default=False, metadata={"help": "sample commands instead of greedy decoding"})
+    temperature: float = field(default=GenerationConfig.temperature, metadata={"help": "sampling temperature"})
+    top_k: int = field(default=GenerationConfig.top_k, metadata={"help": "sample from the k likeliest tokens (0: all)"})
+    top_p: float = field(default=GenerationConfig.top_p, metadata={"help": "nucleus sampling mass (1: off)"})
+    max_new_tokens: int = field(
+        default=GenerationConfig.max_new_tokens, metadata={"help": "tokens per command at most"}
+    )
+    prompt_format: str = field(
+        default=PromptConfig.format, metadata={"help": f"prompt format: {', '.join(PROMPT_FORMATS)}"}
+    )
+    memory_turns: int = field(default=PromptConfig.memory_turns, metadata={"help": "past turns shown in the prompt"})
+    hint: bool = field(default=PromptConfig.hint, metadata={"help": "list the admissible commands in the prompt"})
+    hint_examine: bool = field(
+        default=PromptConfig.hint_examine, metadata={"help": "keep examine/look/inventory in the listed commands"}
+    )
+    num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "example turns in the prompt"})
+    max_prompt_tokens: int = field(
+        default=PromptConfig.max_prompt_tokens, metadata={"help": "prompt length cap in tokens"}
+    )
+    games_dir: str = field(
+        default_factory=lambda: str(default_cache_dir()),
+        metadata={"help": "cache of generated games (default: $TEXTWORLD_RL_GAMES or ./games)"},
+    )
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser(Args)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        if not Path(argv[0]).is_file():
+            raise ValueError(f"config file not found: {argv[0]}")
+        return parser.parse_yaml_file(argv[0])[0]
+    return parser.parse_args_into_dataclasses(args=argv)[0]
+
+
+def prompt_config(args: Args) -> PromptConfig:
+    return PromptConfig(args.prompt_format, args.memory_turns, args.hint, args.hint_examine, args.num_examples,
+                        args.max_prompt_tokens)
+
+
+def generation_config(args: Args) -> GenerationConfig:
+    return GenerationConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
+
+
+def check_args(args: Args) -> None:
+    """Every flag checked without loading a model or generating a game; raises ValueError naming the flag."""
+    if args.agent not in AGENTS:
+        raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
+    if args.split not in SPLITS:
+        raise ValueError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
+    for flag in ("num_envs", "max_episode_steps", "max_new_tokens", "num_episodes"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag} must be at least 1, got {value}")
+    for flag in ("games_dir", "output_dir"):
+        path = getattr(args, flag)
+        if path is not None and Path(path).exists() and not Path(path).is_dir():
+            raise ValueError(f"--{flag} {path} is a file; give a folder path")
+    try:
+        check_game_source(args.games)
+    except GameError as error:
+        raise ValueError(f"--games: {error}") from None
+    if args.push_to_hub is not None:
+        try:
+            validate_repo_id(args.push_to_hub)
+        except HFValidationError as error:
+            raise ValueError(
+                f"--push_to_hub {args.push_to_hub!r} is not a repo id ('name' or 'owner/name'): {error}"
+            ) from None
+    try:
+        prompt_config(args)
+        generation_config(args)
+    except ValueError as error:
+        raise ValueError(f"prompt/generation flags: {error}") from None
+    if args.agent == "model":
+        if args.dtype not in DTYPES:
+            raise ValueError(f"--dtype {args.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+        if args.device != "auto":
+            try:
+                torch.device(args.device)
+            except RuntimeError:
+                raise ValueError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        try:
+            resolve_model(args.model_name_or_path)
+        except ModelError as error:
+            raise ValueError(f"--model_name_or_path: {error}") from None
+
+
+def make_agent(args: Args):
+    """(agent, tokenizer or None): loads the model for the model agent."""
+    if args.agent == "random":
+        return RandomAgent(args.seed), None
+    if args.agent == "walkthrough":
+        return WalkthroughAgent(), None
+    if args.agent == "human":
+        return HumanAgent(input_fn=input, print_fn=print), None
+    set_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
+    return ModelAgent(model, tokenizer, generation_config(args)), tokenizer
+
+
+def save_outputs(output_dir: str, report: dict, args: Args, dataset) -> None:
+    """report.json and transcripts/, each written beside the target first and then renamed into place."""
+    folder = Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = folder / f".{REPORT_FILE}.{os.getpid()}"
+    staging.write_text(json.dumps({**report, "args": asdict(args)}, indent=2) + "\n")
+    os.replace(staging, folder / REPORT_FILE)
+    staging, target = folder / f".{TRANSCRIPTS_DIR}.{os.getpid()}", folder / TRANSCRIPTS_DIR
+    dataset.save_to_disk(str(staging))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        games = resolve_games(args.games, args.split, args.games_dir)
+        agent, tokenizer = make_agent(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    result = evaluate(
+        agent,
+        games,
+        num_episodes=args.num_episodes or len(games),
+        num_envs=1 if args.agent == "human" else args.num_envs,
+        max_episode_steps=args.max_episode_steps,
+        prompt_config=prompt_config(args),
+        tokenizer=tokenizer,
+        seed=args.seed,
+        progress=args.agent != "human",  # a progress bar would cut into the game text
+    )
+    print(format_report_table(result.report))
+
+    if args.output_dir or args.push_to_hub:
+        dataset = Dataset.from_list(result.transcripts)
+        if args.output_dir:
+            save_outputs(args.output_dir, result.report, args, dataset)
+            print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
+        if args.push_to_hub:
+            dataset.push_to_hub(args.push_to_hub)
+            print(f"pushed the transcripts to https://huggingface.co/datasets/{args.push_to_hub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

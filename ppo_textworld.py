@@ -1,0 +1,751 @@
+"""PPO for causal LMs playing TextWorld games: the policy writes one command per turn, the games score it.
+
+Launch:
+    python ppo_textworld.py                                     # defaults: SmolLM2-135M, `default` games, CPU ok
+    python ppo_textworld.py --reward letter_e --num_iterations 20  # the toy task: say many 'e'
+    python ppo_textworld.py my_run.yaml                         # every flag from a YAML file
+    python ppo_textworld.py --resume_from_checkpoint latest     # continue outputs/ppo where it stopped
+    accelerate launch --config_file accelerate_configs/zero2.yaml ppo_textworld.py --model_name_or_path ...
+    accelerate launch --config_file accelerate_configs/cpu_zero2.yaml ppo_textworld.py   # 2 CPU processes
+
+One iteration:
+  1. rollout (lib/rollout.py): each process plays num_steps turns in its num_envs / num_processes game slots;
+     per response token it caches the behaviour log-prob, the reference log-prob and the value; per turn the
+     reward chain total (lib/rewards.py) and next_value, the value of the state the turn led to (0 after a
+     terminated episode, the episode's final state after a truncated one; see lib/rollout.py for positions);
+  2. rewards per token: -kl_coef * KL estimate (k1/k2/k3 of log pi - log ref) at every token, plus the turn's
+     reward on its last token (lib.losses.penalized_rewards);
+  3. token-level GAE inside each response (lib.losses.gae_advantages): gamma_token and lam between tokens,
+     gamma_turn * next_value at the last token; returns = advantages + values; advantages whitened over the batch
+     (optionally over all processes);
+  4. ppo_epochs passes over shuffled minibatches of turns, each split into gradient_accumulation_steps
+     micro-batches; loss = clipped policy loss + vf_coef * clipped value loss - ent_coef * entropy
+     (+ kl_loss_coef * exact KL to the reference), averaged over every token of every turn of the micro-batch;
+  5. the adaptive KL controller (if on) moves kl_coef toward target_kl; metrics are logged, the rollout is saved
+     as a dataset, and every eval_every / save_every iterations the policy is evaluated greedily on held-out games
+     and checkpointed.
+Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is
+ignored), so the behaviour policy is the one that sampled.
+
+Outputs (output_dir): the final policy (save_pretrained) + value_head.safetensors + tokenizer + README.md, ready
+for `play.py --agent model --model_name_or_path outputs/ppo`; checkpoints/checkpoint-N (same, plus
+training_state/ for resuming and trainer_state.json); rollouts/iteration-NNNNN datasets (lib.rollout.load_rollouts);
+runs/ tensorboard logs.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
+
+from lib.agents import ModelAgent, RandomAgent
+from lib.env import BatchEnv
+from lib.evaluation import evaluate, merge_reports
+from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
+from lib.generation import GenerationConfig
+from lib.losses import (
+    KL_DIRECTIONS,
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    explained_variance,
+    gae_advantages,
+    kl_estimate,
+    masked_mean,
+    masked_moments,
+    masked_whiten,
+    mean_var_from_moments,
+    penalized_rewards,
+    ppo_loss,
+    whiten_with_stats,
+)
+from lib.models import (
+    CHECKPOINTS_DIR,
+    DEFAULT_MODEL,
+    DTYPES,
+    ModelError,
+    load_model,
+    load_tokenizer,
+    newest_checkpoint,
+    save_model,
+)
+from lib.prompts import PROMPT_FORMATS, PromptConfig
+from lib.rewards import REWARD_NAMES, RewardConfig, parse_reward_names
+from lib.rollout import RolloutCollector, collate, load_rollouts, pack_sequences, rollout_rows, save_rollouts
+from lib.value_head import (
+    VALUE_HEAD_TYPES,
+    PolicyWithValue,
+    ValueHead,
+    freeze_lower_layers,
+    response_logits,
+    save_value_head,
+)
+
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_FILE = "trainer_state.json"
+ARGS_FILE = "training_args.json"
+TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+LOG_DIR = "runs"
+# Added to the env seed on resume so a resumed run does not replay the game order of the first iterations.
+RESUME_SEED_STRIDE = 1_000
+
+
+@dataclass
+class RunArguments:
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
+    output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints and rollouts of an earlier run in output_dir first."})
+    train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
+    eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
+    games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
+    num_iterations: int = field(default=6, metadata={"help": "PPO iterations (rollout + update)."})
+    num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes."})
+    num_steps: int = field(default=8, metadata={"help": "Turns per slot per iteration; batch = num_envs * num_steps turns."})
+    max_episode_steps: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, game order)."})
+    dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    report_to: str = field(default="tensorboard", metadata={"help": f"Tracker: {', '.join(TRACKERS)}."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the final model and the rollout dataset to."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir)."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
+    eval_episodes: int = field(default=12, metadata={"help": "Episodes per evaluation (0: no evaluation)."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+
+@dataclass
+class PPOArguments:
+    learning_rate: float = field(default=1e-5, metadata={"help": "AdamW learning rate."})
+    ppo_epochs: int = field(default=2, metadata={"help": "Passes over each rollout batch."})
+    num_minibatches: int = field(default=2, metadata={"help": "Optimizer steps per epoch; each process's batch splits into this many minibatches."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per minibatch (gradients summed before the step)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (DeepSpeed: its gradient_clipping)."})
+    clip_range: float = field(default=0.2, metadata={"help": "PPO ratio clip epsilon."})
+    clip_range_value: float = field(default=0.2, metadata={"help": "Value clip range around the rollout values."})
+    vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
+    ent_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus."})
+    gamma_token: float = field(default=1.0, metadata={"help": "Discount between tokens of one response."})
+    gamma_turn: float = field(default=0.95, metadata={"help": "Discount between turns (applied to next_value)."})
+    lam: float = field(default=0.95, metadata={"help": "GAE lambda between tokens."})
+    kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient in the per-token reward (initial value when adaptive)."})
+    kl_estimator: str = field(default="k3", metadata={"help": f"Per-token KL estimator in the reward: {', '.join(KL_ESTIMATORS)}."})
+    adaptive_kl: bool = field(default=False, metadata={"help": "Adapt kl_coef toward target_kl (Ziegler et al. 2019)."})
+    target_kl: float = field(default=0.1, metadata={"help": "Target KL per turn (summed over its tokens) for the adaptive controller."})
+    kl_horizon: float = field(default=10000.0, metadata={"help": "Horizon (turns) of the adaptive KL controller."})
+    kl_loss_coef: float = field(default=0.0, metadata={"help": "Weight of an exact-gradient KL loss to the reference (0: off)."})
+    kl_direction: str = field(default="reverse", metadata={"help": f"Direction of the exact KL loss: {', '.join(KL_DIRECTIONS)}."})
+    whiten_advantages: bool = field(default=True, metadata={"help": "Whiten advantages over the batch."})
+    whiten_across_processes: bool = field(default=False, metadata={"help": "Whiten with statistics of all processes' batches."})
+
+
+@dataclass
+class ModelArguments:
+    value_head_type: str = field(default="linear", metadata={"help": f"Value head: {', '.join(VALUE_HEAD_TYPES)} (mlp: 2 layers)."})
+    value_head_hidden_size: int = field(default=0, metadata={"help": "Hidden width of the mlp value head (0: the LM's hidden size)."})
+    detach_value_head: bool = field(default=False, metadata={"help": "Detach the value head's input: the value loss does not move the LM."})
+    trainable_layers_fraction: float = field(default=0.33, metadata={"help": "Train only this last fraction of decoder layers plus the final norm (and the LM head when not tied to the input embeddings); 1 trains all."})
+
+
+@dataclass
+class RolloutArguments:
+    max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
+    prompt_format: str = field(default="chat", metadata={"help": f"Prompt format: {', '.join(PROMPT_FORMATS)}."})
+    memory_turns: int = field(default=1, metadata={"help": "Past turns of the episode shown in the prompt."})
+    hint: bool = field(default=True, metadata={"help": "List the admissible commands in the prompt."})
+    hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
+    num_examples: int = field(default=0, metadata={"help": "Generic example turns in the prompt."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
+    reward: str = field(default="score,win,invalid", metadata={"help": f"Comma list of reward components: {', '.join(REWARD_NAMES)}."})
+    score_weight: float = field(default=1.0, metadata={"help": "Weight of the score change (reward `score`)."})
+    win_bonus: float = field(default=1.0, metadata={"help": "Bonus for winning (reward `win`)."})
+    lose_penalty: float = field(default=1.0, metadata={"help": "Penalty for losing (reward `lose`)."})
+    living_cost: float = field(default=0.01, metadata={"help": "Cost per step (reward `living`)."})
+    invalid_penalty: float = field(default=0.1, metadata={"help": "Penalty for a non-admissible or no-op command (reward `invalid`)."})
+    letter_e_weight: float = field(default=1.0, metadata={"help": "Reward per letter e in the command (reward `letter_e`)."})
+
+
+ALL_ARGUMENTS = (RunArguments, PPOArguments, ModelArguments, RolloutArguments)
+
+
+def parse_arguments(argv: list[str]):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(ALL_ARGUMENTS)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        if not os.path.isfile(argv[0]):
+            raise ValueError(f"config file not found: {argv[0]}")
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments, rollout: RolloutArguments, world_size: int):
+    """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
+    positive = {
+        "num_iterations": run.num_iterations, "num_envs": run.num_envs, "num_steps": run.num_steps,
+        "max_episode_steps": run.max_episode_steps, "ppo_epochs": ppo.ppo_epochs, "num_minibatches": ppo.num_minibatches,
+        "gradient_accumulation_steps": ppo.gradient_accumulation_steps, "learning_rate": ppo.learning_rate,
+        "clip_range": ppo.clip_range, "clip_range_value": ppo.clip_range_value, "max_grad_norm": ppo.max_grad_norm,
+        "kl_horizon": ppo.kl_horizon,
+    }
+    for name, value in positive.items():
+        if not value > 0:
+            raise ValueError(f"--{name} must be positive, got {value}")
+    for name in ("eval_every", "eval_episodes", "save_every", "save_total_limit"):
+        if getattr(run, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef"):
+        if getattr(ppo, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(ppo, name)}")
+    for name in ("gamma_token", "gamma_turn", "lam"):
+        if not 0 <= getattr(ppo, name) <= 1:
+            raise ValueError(f"--{name} must be in [0, 1], got {getattr(ppo, name)}")
+    if ppo.adaptive_kl and not ppo.target_kl > 0:
+        raise ValueError(f"--target_kl must be positive with --adaptive_kl, got {ppo.target_kl}")
+    if ppo.kl_estimator not in KL_ESTIMATORS:
+        raise ValueError(f"--kl_estimator {ppo.kl_estimator!r} is unknown; choose one of {', '.join(KL_ESTIMATORS)}")
+    if ppo.kl_direction not in KL_DIRECTIONS:
+        raise ValueError(f"--kl_direction {ppo.kl_direction!r} is unknown; choose one of {', '.join(KL_DIRECTIONS)}")
+    if model.value_head_type not in VALUE_HEAD_TYPES:
+        raise ValueError(f"--value_head_type {model.value_head_type!r} is unknown; choose one of {', '.join(VALUE_HEAD_TYPES)}")
+    if not 0 < model.trainable_layers_fraction <= 1:
+        raise ValueError(f"--trainable_layers_fraction must be in (0, 1], got {model.trainable_layers_fraction}")
+    if model.value_head_hidden_size < 0:
+        raise ValueError(f"--value_head_hidden_size must be >= 0, got {model.value_head_hidden_size}")
+    if run.dtype not in DTYPES:
+        raise ValueError(f"--dtype {run.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    if run.report_to not in TRACKERS:
+        raise ValueError(f"--report_to {run.report_to!r} is unknown; choose one of {', '.join(TRACKERS)}")
+    if run.report_to in TRACKER_MODULES:
+        import importlib.util
+
+        if importlib.util.find_spec(TRACKER_MODULES[run.report_to]) is None:
+            raise ValueError(f"--report_to {run.report_to} needs the {TRACKER_MODULES[run.report_to]} package: pip install it or pass --report_to none")
+    if run.push_to_hub is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", run.push_to_hub):
+        raise ValueError(f"--push_to_hub {run.push_to_hub!r} is not a repo id (name or owner/name)")
+    if run.num_envs % world_size:
+        raise ValueError(f"--num_envs {run.num_envs} must be divisible by the number of processes ({world_size})")
+    per_process = run.num_envs // world_size * run.num_steps
+    if per_process % ppo.num_minibatches:
+        raise ValueError(
+            f"each process's batch (num_envs / processes * num_steps = {per_process} turns) must be divisible by "
+            f"--num_minibatches {ppo.num_minibatches}"
+        )
+    if per_process // ppo.num_minibatches % ppo.gradient_accumulation_steps:
+        raise ValueError(
+            f"each minibatch ({per_process // ppo.num_minibatches} turns) must be divisible by "
+            f"--gradient_accumulation_steps {ppo.gradient_accumulation_steps}"
+        )
+    for flag, build in (("generation flags", lambda: generation_config(rollout)), ("prompt flags", lambda: prompt_config(rollout)),
+                        ("--reward", lambda: reward_config(rollout))):
+        try:
+            build()
+        except ValueError as error:
+            raise ValueError(f"{flag}: {error}") from None
+    for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
+        try:
+            check_game_source(source)
+        except GameError as error:
+            raise ValueError(f"{flag}: {error}") from None
+
+
+def generation_config(rollout: RolloutArguments, greedy: bool = False) -> GenerationConfig:
+    if greedy:
+        return GenerationConfig(max_new_tokens=rollout.max_new_tokens, do_sample=False)
+    return GenerationConfig(rollout.max_new_tokens, True, rollout.temperature, rollout.top_k, rollout.top_p)
+
+
+def prompt_config(rollout: RolloutArguments) -> PromptConfig:
+    return PromptConfig(
+        rollout.prompt_format, rollout.memory_turns, rollout.hint, rollout.hint_examine, rollout.num_examples,
+        rollout.max_prompt_tokens,
+    )
+
+
+def reward_config(rollout: RolloutArguments) -> RewardConfig:
+    return RewardConfig(
+        parse_reward_names(rollout.reward), rollout.score_weight, rollout.win_bonus, rollout.lose_penalty,
+        rollout.living_cost, rollout.invalid_penalty, rollout.letter_e_weight,
+    )
+
+
+def find_resume_checkpoint(run: RunArguments) -> Path | None:
+    if run.resume_from_checkpoint is None:
+        return None
+    if run.resume_from_checkpoint == "latest":
+        folder = newest_checkpoint(run.output_dir)
+        if folder is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {Path(run.output_dir) / CHECKPOINTS_DIR}")
+    else:
+        folder = Path(run.resume_from_checkpoint)
+    if not (folder / TRAINING_STATE_DIR).is_dir() or not (folder / TRAINER_STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder}: not a checkpoint of ppo_textworld.py (no {TRAINING_STATE_DIR}/)")
+    done = json.loads((folder / TRAINER_STATE_FILE).read_text())["iteration"]
+    if done >= run.num_iterations:
+        raise ValueError(f"--num_iterations {run.num_iterations}: {folder} already finished iteration {done}; raise it to continue")
+    return folder
+
+
+def check_output_dir(run: RunArguments) -> None:
+    """A fresh run must not mix its rollouts and checkpoints with an earlier run's."""
+    output = Path(run.output_dir)
+    earlier = [output / CHECKPOINTS_DIR, output / "rollouts"]
+    if run.resume_from_checkpoint is None and any(path.exists() for path in earlier):
+        if not run.overwrite_output_dir:
+            raise ValueError(
+                f"--output_dir {output} holds an earlier run: pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to replace it, or another --output_dir"
+            )
+
+
+def prepare_reference(ref_model, accelerator):
+    """The frozen reference on the right device; under ZeRO-3 an inference-only DeepSpeed engine (as trl does), so
+    its weights are sharded like the policy's. Returns what to call: the module, or the engine under ZeRO-3."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return ref_model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    hidden = ref_model.config.hidden_size
+    config["zero_optimization"].update({
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+    })
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_for_evaluation(model, zero3: bool):
+    """Under ZeRO-3 every process gathers the full weights for the evaluation and generates without collectives:
+    evaluation ends episodes at different times on each process, so their generate calls do not pair up."""
+    if not zero3:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(model):
+        yield
+
+
+def model_card(run: RunArguments, iteration: int, evals: dict) -> str:
+    lines = [
+        "---", "library_name: transformers", "tags: [textworld, ppo, reinforcement-learning]", "---", "",
+        f"# PPO on TextWorld ({iteration} iterations)", "",
+        f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` on games `{run.train_games}`.",
+        "A value head for further PPO training is in `value_head.safetensors`.", "",
+        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy decoding):", "",
+        "| agent | normalized score | win rate | invalid rate | mean steps | episodes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, report in evals.items():
+        if report:
+            lines.append(
+                f"| {name} | {report['normalized_score']:.3f} | {report['win_rate']:.3f} | {report['invalid_rate']:.3f} "
+                f"| {report['mean_steps']:.1f} | {report['episodes']} |"
+            )
+    lines += ["", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", ""]
+    return "\n".join(lines)
+
+
+def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, card: str, arguments: dict) -> None:
+    """Policy (save_pretrained), value head file, tokenizer, args and model card into folder (main process only)."""
+    unwrapped = accelerator.unwrap_model(model)
+    policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+    head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+    save_model(unwrapped.policy, tokenizer, folder, state_dict=policy_state)
+    save_value_head(unwrapped.value_head, folder, head_state)
+    (folder / ARGS_FILE).write_text(json.dumps(arguments, indent=2))
+    (folder / "README.md").write_text(card)
+
+
+def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, iteration: int, trainer_state: dict,
+                    card: str, arguments: dict, keep: int) -> Path:
+    """checkpoints/checkpoint-N written under a temporary name and renamed, so a crash leaves no half checkpoint."""
+    folder = output_dir / CHECKPOINTS_DIR / f"checkpoint-{iteration}"
+    temporary = folder.parent / f".tmp-{folder.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards: every process must call it
+    accelerator.save_state(str(temporary / TRAINING_STATE_DIR))
+    if accelerator.is_main_process:
+        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
+        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+        if keep:
+            older = sorted(
+                (int(p.name.split("-")[-1]), p) for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            )
+            for _, path in older[:-keep]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str, arguments: dict) -> None:
+    """The final policy at output_dir's root, each file moved into place only once all are written."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        temporary = output_dir / ".tmp-final"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
+        for path in temporary.iterdir():
+            os.replace(path, output_dir / path.name)
+        temporary.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def run_evaluation(accelerator, agent, games, run: RunArguments, rollout: RolloutArguments, tokenizer) -> dict | None:
+    """Each process plays its share of the eval games; the reports are merged over processes."""
+    if run.eval_episodes == 0:
+        return None
+    result = evaluate(
+        agent, games, run.eval_episodes, max(1, run.num_envs // accelerator.num_processes), run.max_episode_steps,
+        prompt_config(rollout), tokenizer=tokenizer, seed=run.seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, progress=False,
+    )
+    return merge_reports(gather_object([result.report]))
+
+
+def eval_metrics(report: dict | None) -> dict:
+    if not report:
+        return {}
+    return {f"eval/{key}": report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}
+
+
+def describe(report: dict | None) -> str:
+    if not report:
+        return "not evaluated"
+    return f"normalized score {report['normalized_score']:.3f}, win rate {report['win_rate']:.3f}, invalid rate {report['invalid_rate']:.3f}"
+
+
+def main(argv: list[str]) -> None:
+    # Every check runs before anything heavy is built; launchers export WORLD_SIZE before starting the script.
+    try:
+        run, ppo, model_args, rollout_args = parse_arguments(argv)
+        check_arguments(run, ppo, model_args, rollout_args, int(os.environ.get("WORLD_SIZE", "1")))
+        check_output_dir(run)
+        resume_folder = find_resume_checkpoint(run)
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+
+    # Models: policy + value head as one module; the reference is a frozen copy of the starting policy. Built before
+    # the Accelerator: once a ZeRO-3 launch has set up DeepSpeed, the copy's weights end up emptied with the policy's.
+    set_seed(run.seed)
+    try:
+        tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
+        policy = load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+    except ModelError as error:
+        sys.exit(f"error: {error}")
+    ref_model = copy.deepcopy(policy).eval().requires_grad_(False)
+    freeze_lower_layers(policy, model_args.trainable_layers_fraction)
+    value_head = ValueHead(
+        policy.config.hidden_size, model_args.value_head_type, model_args.value_head_hidden_size, model_args.detach_value_head
+    ).to(policy.dtype)
+    model = PolicyWithValue(policy, value_head)
+
+    # Launched processes (LOCAL_RANK set) on a CPU-only machine talk over gloo: accelerate would pick a backend
+    # that fails there. A plain `python` run must get no backend at all, or accelerate expects a process group.
+    launched_on_cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched_on_cpu else []
+    accelerator = Accelerator(
+        gradient_accumulation_steps=ppo.gradient_accumulation_steps,
+        log_with=None if run.report_to == "none" else run.report_to,
+        project_dir=run.output_dir,
+        kwargs_handlers=handlers,
+    )
+    # The launcher may export its own accumulation setting; the flag is the single source of truth.
+    accelerator.gradient_accumulation_steps = ppo.gradient_accumulation_steps
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    output_dir = Path(run.output_dir)
+    arguments = {k: v for group in (run, ppo, model_args, rollout_args) for k, v in asdict(group).items()}
+
+    # From here on each process samples differently, the same way on every rerun.
+    set_seed(run.seed, device_specific=True)
+    datasets.disable_progress_bars()  # one bar per iteration is enough
+
+    games_dir = Path(run.games_dir) if run.games_dir else default_cache_dir()
+    with accelerator.main_process_first():
+        try:
+            train_games = resolve_games(run.train_games, "train", games_dir, progress=run.progress and accelerator.is_main_process)
+            eval_games = []
+            if run.eval_episodes:
+                eval_games = resolve_games(run.eval_games, "eval", games_dir, progress=run.progress and accelerator.is_main_process)
+        except GameError as error:
+            sys.exit(f"error: {error}")
+    if len(train_games) < world_size:
+        sys.exit(f"error: --train_games has {len(train_games)} games for {world_size} processes; every process needs one")
+    if run.overwrite_output_dir and accelerator.is_main_process:
+        for name in (CHECKPOINTS_DIR, "rollouts"):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None and plugin.offload_optimizer_device in ("cpu", "nvme"):
+        # ZeRO-Offload refuses a torch optimizer: its own CPU Adam runs the step where the states live.
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        optimizer = DeepSpeedCPUAdam(trainable, lr=ppo.learning_rate, adamw_mode=True)
+    else:
+        optimizer = torch.optim.AdamW(trainable, lr=ppo.learning_rate)
+
+    per_process_envs = run.num_envs // world_size
+    batch_size = per_process_envs * run.num_steps
+    minibatch_size = batch_size // ppo.num_minibatches
+    micro_batch_size = minibatch_size // ppo.gradient_accumulation_steps
+    if plugin is not None:
+        # DeepSpeed sizes its batch from a DataLoader we do not have, and clips gradients itself.
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
+        plugin.deepspeed_config["gradient_accumulation_steps"] = ppo.gradient_accumulation_steps
+        plugin.deepspeed_config["train_batch_size"] = micro_batch_size * ppo.gradient_accumulation_steps * world_size
+        plugin.deepspeed_config["gradient_clipping"] = ppo.max_grad_norm
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.eval()  # dropout (if the LM has any) only while updating
+    ref_model = prepare_reference(ref_model, accelerator)
+    zero3 = plugin is not None and plugin.zero_stage == 3
+    generate_kwargs = {"synced_gpus": True} if zero3 else {}
+
+    kl_controller = (
+        AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
+    )
+    accelerator.register_for_checkpointing(kl_controller)
+    trainer_state = {"iteration": 0, "env_steps": 0, "episodes": 0, "evals": {}}
+    if resume_folder is not None:
+        accelerator.load_state(str(resume_folder / TRAINING_STATE_DIR))
+        trainer_state = json.loads((resume_folder / TRAINER_STATE_FILE).read_text())
+        accelerator.print(f"resumed from {resume_folder} at iteration {trainer_state['iteration']}")
+    start_iteration = trainer_state["iteration"] + 1
+
+    if run.report_to != "none":
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
+        accelerator.init_trackers(LOG_DIR, config=config)
+
+    unwrapped = accelerator.unwrap_model(model)
+    greedy_agent = ModelAgent(unwrapped.policy, tokenizer, generation_config(rollout_args, greedy=True))
+    evals = trainer_state["evals"]
+    if "random" not in evals:
+        evals["random"] = run_evaluation(accelerator, RandomAgent(run.seed), eval_games, run, rollout_args, tokenizer)
+        started = time.time()
+        with gathered_for_evaluation(model, zero3), accelerator.autocast():
+            evals["before"] = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+        accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
+        accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
+
+    env = BatchEnv(
+        train_games, per_process_envs, run.max_episode_steps, shuffle=True,
+        seed=run.seed + RESUME_SEED_STRIDE * (start_iteration - 1), rank=rank, world_size=world_size,
+    )
+    collector = RolloutCollector(
+        env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_config(rollout_args),
+        generate_kwargs, accelerator.autocast,
+    )
+    temperature = rollout_args.temperature
+    pad_id = tokenizer.pad_token_id
+    device = accelerator.device
+
+    bar = tqdm(
+        range(start_iteration, run.num_iterations + 1), desc="ppo", disable=not (run.progress and accelerator.is_main_process),
+        initial=start_iteration - 1, total=run.num_iterations,
+    )
+    checkpoint = None
+    for iteration in bar:
+        # ---- 1. rollout
+        started = time.time()
+        rollout = collector.collect(unwrapped, ref_model, run.num_steps)
+        rollout_time = time.time() - started
+        turns = rollout.transitions
+        batch = collate(turns, pad_id)
+        mask = batch["mask"]
+
+        # ---- 2-3. per-token rewards, GAE, whitening
+        kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], ppo.kl_estimator) * mask
+        rewards = penalized_rewards(kl, batch["rewards"], mask, kl_controller.value)
+        advantages, returns = gae_advantages(
+            rewards, batch["values"], mask, batch["next_values"], batch["dones"], ppo.gamma_token, ppo.gamma_turn, ppo.lam
+        )
+        raw_advantages = advantages
+        if ppo.whiten_advantages and ppo.whiten_across_processes:
+            moments = accelerator.reduce(torch.stack(masked_moments(advantages.double(), mask)).to(device), "sum").cpu()
+            mean, var = mean_var_from_moments(*moments)
+            advantages = whiten_with_stats(advantages, mean.float(), var.float(), mask=mask)
+        elif ppo.whiten_advantages and mask.sum() > 1:  # a variance needs two tokens (num_envs = num_steps = 1)
+            advantages = masked_whiten(advantages, mask)
+
+        # ---- 4. PPO epochs over shuffled minibatches of turns. Each minibatch is gradient_accumulation_steps
+        # consecutive micro-batches of the shuffled order; accelerate steps the optimizer after the last of them.
+        started = time.time()
+        model.train()
+        totals: dict[str, float] = {}
+        num_micro_batches, num_optimizer_steps, update_tokens = 0, 0, 0
+        width = mask.shape[1]
+        for _ in range(ppo.ppo_epochs):
+            order = torch.randperm(batch_size)
+            for micro_start in range(0, batch_size, micro_batch_size):
+                index = order[micro_start : micro_start + micro_batch_size]
+                packed = pack_sequences([turns[i].prompt_ids for i in index], [turns[i].response_ids for i in index], pad_id, width)
+                inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
+                update_tokens += int(packed["attention_mask"].sum())
+                with accelerator.accumulate(model):
+                    logits, values = model(*inputs, packed["start"], packed["end"])
+                    ref_logits = None
+                    if ppo.kl_loss_coef > 0:
+                        with torch.no_grad():
+                            ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float() / temperature
+                    loss, stats = ppo_loss(
+                        logits.float() / temperature, values.float(), batch["response_ids"][index].to(device),
+                        mask[index].to(device), batch["logprobs"][index].to(device), batch["values"][index].to(device),
+                        advantages[index].to(device), returns[index].to(device), ppo.clip_range, ppo.clip_range_value,
+                        ppo.vf_coef, ppo.ent_coef, ref_logits, ppo.kl_loss_coef, ppo.kl_direction,
+                    )
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        grad_norm = accelerator.clip_grad_norm_(trainable, ppo.max_grad_norm)
+                        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
+                        num_optimizer_steps += 1
+                    optimizer.step()
+                    optimizer.zero_grad()
+                for key, value in stats.items():
+                    totals[key] = totals.get(key, 0.0) + float(value)
+                num_micro_batches += 1
+        model.eval()
+        update_time = time.time() - started
+
+        # ---- 5. KL controller, metrics, rollout dataset
+        seq_kl = (kl * mask).sum(dim=1)
+        mean_kl = float(accelerator.reduce(seq_kl.mean().to(device), "mean"))
+        kl_controller.update(mean_kl, batch_size * world_size)
+        episodes = rollout.episodes
+        episode_sums = torch.tensor(
+            [len(episodes), sum(e["return"] for e in episodes), sum(e["normalized_score"] for e in episodes),
+             sum(e["won"] for e in episodes), sum(e["length"] for e in episodes),
+             sum(t.invalid for t in turns), len(turns), rollout.generated_tokens, update_tokens],
+            dtype=torch.float64, device=device,
+        )
+        sums = accelerator.reduce(episode_sums, "sum").tolist()
+        local = {
+            "objective/entropy": totals["entropy"] / num_micro_batches,
+            "losses/policy_loss": totals["policy_loss"] / num_micro_batches,
+            "losses/value_loss": totals["value_loss"] / num_micro_batches,
+            "losses/kl_loss": totals["kl_loss"] / num_micro_batches,
+            "losses/approx_kl": totals["approx_kl"] / num_micro_batches,
+            "losses/clipfrac": totals["clipfrac"] / num_micro_batches,
+            "losses/value_clipfrac": totals["value_clipfrac"] / num_micro_batches,
+            "losses/grad_norm": totals.get("grad_norm", 0.0) / max(num_optimizer_steps, 1),
+            "losses/explained_variance": float(explained_variance(batch["values"], returns, mask).nan_to_num(0.0)),
+            "objective/reward": float(batch["rewards"].mean()),
+            "objective/advantage_mean": float(masked_mean(raw_advantages, mask)),
+            "perf/rollout_s": rollout_time,
+            "perf/update_s": update_time,
+        }
+        reduced = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device), "mean").tolist()
+        metrics = dict(zip(local, reduced))
+        num_episodes, iteration_time = sums[0], rollout_time + update_time
+        trainer_state["env_steps"] += int(sums[6])
+        trainer_state["episodes"] += int(num_episodes)
+        metrics.update({
+            "objective/kl": mean_kl,
+            "objective/kl_coef": kl_controller.value,
+            "charts/invalid_rate": sums[5] / sums[6],
+            "charts/env_steps": trainer_state["env_steps"],
+            "perf/env_steps_per_s": sums[6] / iteration_time,
+            "perf/generated_tokens_per_s": sums[7] / max(rollout_time, 1e-9),
+            "perf/tokens_per_s": sums[8] / max(update_time, 1e-9),
+        })
+        if num_episodes:
+            metrics.update({
+                "charts/episodic_return": sums[1] / num_episodes,
+                "charts/normalized_score": sums[2] / num_episodes,
+                "charts/win_rate": sums[3] / num_episodes,
+                "charts/episode_length": sums[4] / num_episodes,
+            })
+        rows = rollout_rows(turns, iteration, rank, raw_advantages, returns, kl, mask)
+        all_rows = gather_object(rows)
+        if accelerator.is_main_process:
+            save_rollouts(all_rows, output_dir, iteration)
+
+        # ---- periodic evaluation and checkpoint
+        trainer_state["iteration"] = iteration
+        last = iteration == run.num_iterations
+        if run.eval_every and iteration % run.eval_every == 0 and not last:
+            started = time.time()
+            with gathered_for_evaluation(model, zero3), accelerator.autocast():
+                report = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+            metrics.update(eval_metrics(report))
+            metrics["perf/eval_s"] = time.time() - started
+        accelerator.log(metrics, step=iteration)
+        bar.set_postfix({
+            "return": f"{metrics.get('charts/episodic_return', float('nan')):.2f}",
+            "win": f"{metrics.get('charts/win_rate', float('nan')):.2f}",
+            "kl": f"{mean_kl:.3f}",
+            "pg": f"{metrics['losses/policy_loss']:.3f}",
+            "sps": f"{metrics['perf/env_steps_per_s']:.2f}",
+        })
+        if run.save_every and iteration % run.save_every == 0 and not last:
+            checkpoint = save_checkpoint(
+                accelerator, model, tokenizer, output_dir, iteration, trainer_state,
+                model_card(run, iteration, evals), arguments, run.save_total_limit,
+            )
+    bar.close()
+    env.close()
+
+    # ---- final evaluation, model, checkpoint, hub
+    started = time.time()
+    with gathered_for_evaluation(model, zero3), accelerator.autocast():
+        evals["after"] = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+    accelerator.log({**eval_metrics(evals["after"]), "perf/eval_s": time.time() - started}, step=run.num_iterations)
+    card = model_card(run, run.num_iterations, evals)
+    checkpoint = save_checkpoint(
+        accelerator, model, tokenizer, output_dir, trainer_state["iteration"], trainer_state, card, arguments,
+        run.save_total_limit,
+    )
+    save_final_model(accelerator, model, tokenizer, output_dir, card, arguments)
+    if run.push_to_hub and accelerator.is_main_process:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(run.push_to_hub, exist_ok=True)
+        api.upload_folder(
+            repo_id=run.push_to_hub, folder_path=str(output_dir),
+            ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "rollouts/*", f"{LOG_DIR}/*", ".tmp-*"],
+        )
+        load_rollouts(output_dir).push_to_hub(run.push_to_hub)
+    accelerator.print(
+        f"held-out eval on {run.eval_games} ({run.eval_episodes} episodes, greedy):\n"
+        f"  random-admissible: {describe(evals.get('random'))}\n"
+        f"  before training:   {describe(evals.get('before'))}\n"
+        f"  after training:    {describe(evals.get('after'))}\n"
+        f"model: {output_dir} (checkpoint: {checkpoint})"
+    )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

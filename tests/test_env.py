@@ -1,0 +1,139 @@
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lib.env import BatchEnv
+
+
+def scripted_command(state) -> str:
+    """A deterministic command that depends only on the state: batched and solo runs must send the same ones."""
+    commands = sorted(state.admissible_commands) + ["jump over the moon"]
+    return commands[(3 * state.steps + len(state.observation)) % len(commands)]
+
+
+def view(state) -> tuple:
+    return state.game, state.observation, state.score, state.moves, state.admissible_commands, state.won, state.steps
+
+
+def play_all(env: BatchEnv) -> dict[str, list[tuple]]:
+    """Play every slot with `scripted_command` until all are idle; the states seen, per game, in order."""
+    seen: dict[str, list[tuple]] = {}
+    states = env.reset()
+    while any(s is not None for s in states):
+        for state in states:
+            if state is not None:
+                seen.setdefault(state.game, []).append(view(state))
+        results = env.step([None if s is None else scripted_command(s) for s in states])
+        for result in results:
+            if result is not None and result.done:
+                seen[result.state.game].append(view(result.state))
+        states = [None if r is None else r.next_state for r in results]
+    return seen
+
+
+def test_batched_steps_match_solo_steps(small_games):
+    with BatchEnv(small_games, num_envs=4, max_episode_steps=8, num_episodes=4) as env:
+        batched = play_all(env)
+    with BatchEnv(small_games, num_envs=1, max_episode_steps=8, num_episodes=4) as env:
+        solo = play_all(env)
+    assert sorted(batched) == sorted(small_games)
+    assert batched == solo
+    assert any(len(states) > 3 for states in solo.values())
+
+
+def test_walkthrough_wins_rewards_are_score_changes_and_auto_reset(tiny_games):
+    with BatchEnv(tiny_games, num_envs=1, max_episode_steps=10) as env:
+        state = env.reset()[0]
+        assert (state.game, state.episode, state.steps, state.score) == (tiny_games[0], 0, 0, 0)
+        for episode in range(3):
+            total = 0.0
+            for i, command in enumerate(state.walkthrough):
+                result = env.step([command])[0]
+                assert result.reward == result.state.score - state.score
+                assert not result.invalid
+                total += result.reward
+                if i < len(state.walkthrough) - 1:
+                    assert not result.done and result.next_state is result.state
+                    state = result.next_state
+            assert result.terminated and not result.truncated and result.state.won
+            assert total == result.state.score == result.state.max_score > 0
+            state = result.next_state
+            assert state is not result.state
+            assert (state.episode, state.game, state.steps, state.score) == (
+                episode + 1, tiny_games[(episode + 1) % 2], 0, 0
+            )
+
+
+def test_truncation_invalid_commands_and_idle_slots(tiny_games):
+    with BatchEnv(tiny_games, num_envs=3, max_episode_steps=2, num_episodes=2) as env:
+        states = env.reset()
+        assert [s is None for s in states] == [False, False, True]
+        first = env.step(["look", "dance wildly", None])
+        assert first[2] is None
+        assert not first[0].invalid and first[1].invalid
+        assert not any(r.done for r in first[:2])
+        with pytest.raises(ValueError, match="slot 0 is playing but got no command"):
+            env.step([None, "look", None])
+        second = env.step(["look", "look", None])
+        for result in second[:2]:
+            assert result.truncated and not result.terminated and result.done
+            assert result.state.steps == 2 and not result.state.won
+            assert result.next_state is None  # num_episodes ran out: the slot is idle
+        assert env.states == [None, None, None]
+
+
+def test_killed_worker_truncates_the_episode_and_the_run_goes_on(tiny_games):
+    with BatchEnv(tiny_games, num_envs=2, max_episode_steps=10, step_timeout=20) as env:
+        states = env.reset()
+        env.step(["look", "look"])
+        os.kill(env._workers[0].process.pid, signal.SIGKILL)
+        env._workers[0].process.join(timeout=10)
+        crashed, healthy = env.step(["look", "look"])
+        assert crashed.crashed and crashed.truncated and not crashed.terminated
+        assert crashed.state.steps == 2 and crashed.reward == 0
+        assert not healthy.crashed and not healthy.done
+        assert env.restarts == 1
+        # The slot moves on to the next episode on a fresh process, which plays normally.
+        state = crashed.next_state
+        assert (state.episode, state.game, state.steps) == (2, tiny_games[0], 0)
+        for command in state.walkthrough:
+            result = env.step([command, "look"])[0]
+        assert result.terminated and result.state.won and not result.crashed
+        assert states[0].observation == state.observation
+
+
+def test_rank_split_and_too_many_processes(small_games):
+    halves = []
+    for rank in range(2):
+        env = BatchEnv(small_games, num_envs=1, rank=rank, world_size=2)
+        halves.append(env.games)
+        env.close()
+    assert not set(halves[0]) & set(halves[1])
+    assert sorted(halves[0] + halves[1]) == sorted(small_games)
+    assert halves[0] == small_games[0::2]
+    with pytest.raises(ValueError, match="5 processes but only 4 games"):
+        BatchEnv(small_games, num_envs=1, world_size=5)
+    with pytest.raises(ValueError, match="at least 1"):
+        BatchEnv(small_games, num_envs=0)
+
+
+def test_workers_do_not_rerun_the_parents_script(tiny_games, tmp_path):
+    """A script's own imports (torch, transformers, ...) must not run again in every worker process."""
+    marker = tmp_path / "imported-by"
+    script = tmp_path / "uses_env.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        f"with open({str(marker)!r}, 'a') as handle:\n"
+        "    handle.write(f'{os.getpid()}\\n')\n"
+        "from lib.env import BatchEnv\n"
+        "if __name__ == '__main__':\n"
+        f"    with BatchEnv({tiny_games!r}, num_envs=2) as env:\n"
+        "        assert all(state.admissible_commands for state in env.reset())\n"
+    )
+    subprocess.run([sys.executable, str(script)], check=True, timeout=120)
+    assert len(marker.read_text().split()) == 1

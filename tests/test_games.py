@@ -1,0 +1,144 @@
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lib import games as games_module
+from lib.games import (
+    EVAL_SEED_OFFSET,
+    GAME_SETS,
+    GameError,
+    check_game_source,
+    game_name,
+    game_path,
+    parse_spec,
+    resolve_games,
+    tw_make_command,
+)
+
+TINY_SPEC = "tw-coin_collector:level=1:n=1"
+
+
+def test_generation_is_deterministic_and_cached(tmp_path, monkeypatch):
+    first = resolve_games(TINY_SPEC, "train", tmp_path / "a", progress=False)
+    second = resolve_games(TINY_SPEC, "train", tmp_path / "b", progress=False)
+    assert len(first) == len(second) == 1
+    for a, b in zip(first, second):
+        assert Path(a).read_bytes() == Path(b).read_bytes()
+        assert Path(a).with_suffix(".json").read_bytes() == Path(b).with_suffix(".json").read_bytes()
+
+    def no_tw_make(*args, **kwargs):
+        raise AssertionError("tw-make ran although the game is cached")
+
+    mtime = Path(first[0]).stat().st_mtime_ns
+    monkeypatch.setattr(games_module.subprocess, "run", no_tw_make)
+    assert resolve_games(TINY_SPEC, "train", tmp_path / "a", progress=False) == first
+    assert Path(first[0]).stat().st_mtime_ns == mtime
+    with pytest.raises(AssertionError, match="tw-make ran"):
+        resolve_games(TINY_SPEC, "eval", tmp_path / "a", progress=False)
+
+
+@pytest.mark.parametrize("name", list(GAME_SETS))
+def test_named_set_splits_are_disjoint(name, tmp_path):
+    specs = GAME_SETS[name]
+    train = {game_path(spec, seed, tmp_path) for spec in specs for seed in spec.seeds("train")}
+    evaluation = {game_path(spec, seed, tmp_path) for spec in specs for seed in spec.seeds("eval")}
+    assert len(train) == sum(spec.num_train for spec in specs)
+    assert len(evaluation) == sum(spec.num_eval for spec in specs)
+    assert not train & evaluation
+    assert all(seed >= EVAL_SEED_OFFSET for spec in specs for seed in spec.seeds("eval"))
+
+
+def test_parse_spec_options_and_counts():
+    spec = parse_spec("tw-coin_collector:level=5:n=3")
+    assert (spec.kind, spec.options, spec.num_train, spec.num_eval) == ("tw-coin_collector", {"level": 5}, 3, 3)
+    cooking = parse_spec("tw-cooking:recipe=2:go=6:open:cut=false:split=valid")
+    assert cooking.options == {"recipe": 2, "go": 6, "open": True, "cut": False, "split": "valid"}
+    assert tw_make_command(cooking, 7, Path("out.z8"))[1:] == [
+        "tw-cooking", "--seed", "7", "--output", "out.z8", "--silent", "-f",
+        "--go", "6", "--open", "--recipe", "2", "--split", "valid",
+    ]
+    # tw-simple needs both options; the defaults fill them in.
+    assert parse_spec("tw-simple:rewards=sparse").options == {"rewards": "sparse", "goal": "detailed"}
+    assert parse_spec("tw-treasure_hunter:level=30").options == {"level": 30}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("tw-nonsense:level=1", "unknown game kind 'tw-nonsense'"),
+        ("tw-coin_collector:size=3", "unknown option 'size'"),
+        ("tw-coin_collector:level=0", r"out of range \[1, 300\]"),
+        ("tw-treasure_hunter:level=31", r"out of range \[1, 30\]"),
+        ("tw-coin_collector:level=two", "must be an integer"),
+        ("tw-cooking:go=5", "must be one of"),
+        ("tw-simple:rewards=lots", "is not one of"),
+        ("tw-coin_collector:n=0", "out of range"),
+    ],
+)
+def test_bad_specs(spec, message):
+    with pytest.raises(GameError, match=message):
+        check_game_source(spec)
+
+
+@pytest.fixture
+def real_game(tiny_games, tmp_path) -> Path:
+    """A copy of a real game (with its .json) that a test may damage."""
+    source = Path(tiny_games[0])
+    target = tmp_path / "copy" / source.name
+    target.parent.mkdir()
+    shutil.copy(source, target)
+    shutil.copy(source.with_suffix(".json"), target.with_suffix(".json"))
+    return target
+
+
+def test_existing_game_files_folders_and_globs(real_game, tiny_games):
+    assert check_game_source(str(real_game)) is None
+    assert resolve_games(str(real_game.parent), "eval", progress=False) == [str(real_game)]
+    assert resolve_games(f"{real_game.parent}/*.z8,{tiny_games[1]}", "train", progress=False) == [
+        str(real_game), tiny_games[1]
+    ]
+    assert game_name(tiny_games[0]) == "tw-coin_collector/level=1/seed-0"
+    assert game_name(str(real_game)) == "seed-0"
+
+
+def test_bad_game_files(real_game, tmp_path):
+    with pytest.raises(GameError, match="game file not found"):
+        check_game_source(str(tmp_path / "missing.z8"))
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a game")
+    with pytest.raises(GameError, match="is not a game file"):
+        check_game_source(str(text))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(GameError, match="holds no game files"):
+        check_game_source(str(empty))
+
+    with pytest.raises(GameError, match="matches no game files"):
+        check_game_source(str(tmp_path / "nothing-*.z8"))
+
+    real_game.with_suffix(".json").rename(tmp_path / "aside.json")
+    with pytest.raises(GameError, match="has no seed-0.json beside it"):
+        check_game_source(str(real_game))
+    (tmp_path / "aside.json").rename(real_game.with_suffix(".json"))
+
+    data = real_game.read_bytes()
+    real_game.write_bytes(data[: len(data) // 2])
+    with pytest.raises(GameError, match="corrupt: truncated"):
+        check_game_source(str(real_game))
+    real_game.write_bytes(b"\x05" + data[1:])
+    with pytest.raises(GameError, match="not a Z-machine version 8"):
+        check_game_source(str(real_game))
+
+
+@pytest.mark.parametrize("source", ["nonsense", "defaults", "", " , "])
+def test_unknown_sources(source):
+    with pytest.raises(GameError, match="unknown game source|empty game source"):
+        check_game_source(source)
+
+
+def test_resolve_games_rejects_unknown_split():
+    with pytest.raises(ValueError, match="split must be"):
+        resolve_games("tiny", "test")

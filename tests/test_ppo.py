@@ -1,0 +1,211 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ppo_textworld
+from lib.losses import penalized_rewards, ppo_loss
+from lib.models import load_model
+from lib.rollout import load_rollouts, pack_sequences
+from lib.value_head import PolicyWithValue, ValueHead, load_value_head
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_penalized_rewards_put_the_turn_reward_on_the_last_token():
+    kl = torch.tensor([[0.1, 0.2, 9.0], [0.3, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [0, 0, 0]])
+    rewards = penalized_rewards(kl, torch.tensor([1.0, -2.0, 5.0]), mask, kl_coef=0.5)
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.9, 0.0], [-2.15, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+
+
+def test_every_sample_of_a_minibatch_gets_gradient(tiny_model_path):
+    """The original project used only the last sample of each minibatch: here every sample's loss term must reach
+    its own logits and values, and the parameters move for each sample alone."""
+    torch.manual_seed(0)
+    policy = load_model(tiny_model_path)
+    model = PolicyWithValue(policy, ValueHead(policy.config.hidden_size))
+    prompts = [[10, 11, 12, 13], [14, 15], [16, 17, 18], [19]]
+    responses = [[20, 21], [22], [23, 24, 25], [26, 27]]
+    packed = pack_sequences(prompts, responses, pad_id=0)
+    mask = packed["response_mask"]
+    advantages = torch.randn(mask.shape)
+    returns = torch.randn(mask.shape)
+
+    def minibatch_loss(rows):
+        logits, values = model(packed["input_ids"][rows], packed["attention_mask"][rows], packed["position_ids"][rows],
+                               packed["start"], packed["end"])
+        logits.retain_grad()
+        values.retain_grad()
+        with torch.no_grad():
+            old_logprobs = torch.log_softmax(logits, -1).gather(-1, packed["response_ids"][rows, :, None])[..., 0]
+        loss, _ = ppo_loss(logits, values, packed["response_ids"][rows], mask[rows], old_logprobs + 0.05,
+                           values.detach() + 0.01, advantages[rows], returns[rows], 0.2, 0.2, 0.5, 0.01)
+        return loss, logits, values
+
+    loss, logits, values = minibatch_loss(torch.arange(4))
+    loss.backward()
+    for row in range(4):
+        valid = mask[row]
+        assert logits.grad[row][valid].abs().sum() > 0, f"sample {row} gets no policy gradient"
+        assert values.grad[row][valid].abs().sum() > 0, f"sample {row} gets no value gradient"
+        assert logits.grad[row][~valid].abs().sum() == 0  # padding contributes nothing
+    # Per-sample perturbation: dropping any one sample changes the parameter gradient.
+    head_grad = model.value_head.net.weight.grad.clone()
+    for row in range(4):
+        model.zero_grad()
+        minibatch_loss(torch.tensor([r for r in range(4) if r != row]))[0].backward()
+        assert not torch.allclose(model.value_head.net.weight.grad, head_grad), f"sample {row} did not matter"
+
+
+BAD_FLAGS = [
+    (["--num_envs", "3", "--num_steps", "1"], "--num_minibatches"),
+    (["--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps"),
+    (["--clip_range", "0"], "--clip_range"),
+    (["--clip_range_value=-0.1"], "--clip_range_value"),
+    (["--learning_rate=-1e-5"], "--learning_rate"),
+    (["--reward", "score,bonus"], "--reward"),
+    (["--kl_estimator", "k4"], "--kl_estimator"),
+    (["--kl_direction", "sideways"], "--kl_direction"),
+    (["--value_head_type", "cnn"], "--value_head_type"),
+    (["--trainable_layers_fraction", "0"], "--trainable_layers_fraction"),
+    (["--temperature", "0"], "generation flags"),
+    (["--memory_turns", "-1"], "prompt flags"),
+    (["--report_to", "comet"], "--report_to"),
+    (["--train_games", "tw-nope:level=1"], "--train_games"),
+    (["--eval_games", "/no/such/games"], "--eval_games"),
+    (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
+    (["--gamma_turn", "1.5"], "--gamma_turn"),
+]
+
+
+@pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[named + " " + " ".join(flags) for flags, named in BAD_FLAGS])
+def test_bad_flags_fail_before_any_model_loads(flags, named, tmp_path, monkeypatch):
+    monkeypatch.setattr(ppo_textworld, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        ppo_textworld.main(["--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and named in message and "\n" not in message
+
+
+def test_config_file_is_read_and_a_missing_one_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'out'}\nnum_envs: 3\nnum_steps: 1\n")
+    with pytest.raises(SystemExit, match="--num_minibatches"):
+        ppo_textworld.main([str(config)])
+    with pytest.raises(SystemExit, match="config file not found: .*missing.yaml"):
+        ppo_textworld.main([str(tmp_path / "missing.yaml")])
+
+
+def test_an_earlier_run_is_not_overwritten_silently(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(SystemExit, match="--resume_from_checkpoint latest.*--overwrite_output_dir"):
+        ppo_textworld.main(["--output_dir", str(tmp_path), "--report_to", "none"])
+
+
+def script_env():
+    return {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+
+
+def test_bad_flag_exits_nonzero_with_one_error_line():
+    result = subprocess.run(
+        [sys.executable, "ppo_textworld.py", "--clip_range=-1"], cwd=ROOT, capture_output=True, text=True,
+        env=script_env(), timeout=120,
+    )
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == "error: --clip_range must be positive, got -1.0"
+
+
+def run_script(args, launcher=(sys.executable,), timeout=400):
+    result = subprocess.run(
+        [*launcher, "ppo_textworld.py", *args], cwd=ROOT, capture_output=True, text=True, env=script_env(),
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result.stdout + result.stderr
+
+
+def tiny_run_args(tiny_model_path, tiny_games, output_dir, **overrides):
+    flags = {
+        "model_name_or_path": tiny_model_path, "train_games": ",".join(tiny_games), "eval_games": ",".join(tiny_games),
+        "output_dir": str(output_dir), "num_envs": 2, "num_steps": 2, "num_minibatches": 2,
+        "gradient_accumulation_steps": 1, "max_new_tokens": 4, "max_episode_steps": 3, "eval_episodes": 2,
+        "trainable_layers_fraction": 0.5, "learning_rate": 1e-3, "progress": False, "report_to": "tensorboard",
+        **overrides,
+    }
+    return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
+
+
+def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, save_every=1, save_total_limit=0))
+    assert "random-admissible" in log and "before training" in log and "after training" in log
+
+    checkpoint = output / "checkpoints" / "checkpoint-2"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "value_head.safetensors", "README.md",
+                 "training_args.json", "trainer_state.json", "training_state"):
+        assert (checkpoint / name).exists(), name
+        assert (output / name).exists() or name in ("trainer_state.json", "training_state"), name
+    assert (output / "checkpoints" / "checkpoint-1").is_dir()
+    assert "| after |" in (output / "README.md").read_text()
+
+    # The checkpoint reloads to exactly the weights training resumes from, and holds no reference model.
+    reloaded = load_model(str(checkpoint)).state_dict()
+    saved = load_file(checkpoint / "model.safetensors")
+    state = load_file(checkpoint / "training_state" / "model.safetensors")
+    assert all(key.startswith(("policy.", "value_head.")) for key in state)
+    assert not any("ref" in key for key in list(saved) + list(state))
+    for name, tensor in reloaded.items():
+        # The tied LM head is stored once, as the input embeddings.
+        key = "policy.model.embed_tokens.weight" if name == "lm_head.weight" else f"policy.{name}"
+        assert torch.equal(tensor, state[key]), name
+    head = load_value_head(checkpoint)
+    assert torch.equal(head.net.weight, state["value_head.net.weight"])
+    # Only the trainable top moved: frozen layer 0 and the (tied) embeddings are the starting model's.
+    start = load_model(tiny_model_path).state_dict()
+    assert torch.equal(reloaded["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
+    assert torch.equal(reloaded["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
+    assert not torch.equal(reloaded["model.layers.1.mlp.up_proj.weight"], start["model.layers.1.mlp.up_proj.weight"])
+    root = load_file(output / "model.safetensors")
+    assert all(torch.equal(root[key], saved[key]) for key in saved)
+
+    dataset = load_rollouts(output)
+    assert dataset.num_rows == 2 * 2 * 2  # num_envs * num_steps * iterations
+    # The reference stayed where it started: after one update the policy has moved away from it.
+    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) > 1e-6
+    assert list((output / "runs").rglob("events.out.tfevents*"))
+
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=3, resume_from_checkpoint="latest"))
+    assert "at iteration 2" in log
+    assert json.loads((output / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["iteration"] == 3
+    dataset = load_rollouts(output)
+    assert dataset.num_rows == 2 * 2 * 3 and sorted(set(dataset["iteration"])) == [1, 2, 3]
+
+
+def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
+    log = run_script(
+        tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none"), launcher, timeout=600
+    )
+    assert "after training" in log
+    dataset = load_rollouts(output)
+    assert dataset.num_rows == 2 * 2 and sorted(set(dataset["rank"])) == [0, 1]
+    assert sorted(set(dataset["game"])) == sorted(tiny_games)  # each process played its own game
+    assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
+    assert load_value_head(output).config()["head_type"] == "linear"
+
+
+def test_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    stages = {"single_gpu": None, "multi_gpu": None, "zero2": 2, "zero3": 3, "zero3_offload": 3, "cpu_zero2": 2}
+    for name, stage in stages.items():
+        config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
+        assert (config.deepspeed_config or {}).get("zero_stage") == stage, name
+        assert not config.use_cpu, name  # with use_cpu, two gloo processes do not start on a CPU machine

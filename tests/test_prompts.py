@@ -1,0 +1,152 @@
+import copy
+
+import pytest
+
+from lib.env import BatchEnv
+from lib.models import load_tokenizer
+from lib.prompts import (
+    EXAMPLE_TURNS,
+    PromptConfig,
+    Turn,
+    build_prompt,
+    clean_inventory,
+    clean_observation,
+    parse_command,
+)
+
+OBJECTIVE = "Find the coin."
+ADMISSIBLE = ["examine coin", "go east", "inventory", "look", "take coin"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def first_states(small_games):
+    """The real first state of a coin-collector game and the state after one move."""
+    with BatchEnv(small_games[:1], num_envs=1) as env:
+        start = env.reset()[0]
+        moved = env.step([start.walkthrough[0]])[0].state
+    return start, moved
+
+
+def length(tokenizer, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def history(n: int) -> list[Turn]:
+    return [Turn(f"You are in room number {i}. It is a plain room.", f"go door {i}") for i in range(1, n + 1)]
+
+
+def test_clean_observation_on_real_game_text(first_states):
+    start, moved = first_states
+    raw = start.observation
+    assert "$$" in raw and "-= " in raw and start.objective in raw and raw.rstrip().endswith("0/1")
+    cleaned = clean_observation(raw, start.objective)
+    assert cleaned.startswith("You find yourself in")
+    for gone in ("$$", "\\", "-= ", start.objective, "0/1", ">"):
+        assert gone not in cleaned
+    assert "\n\n\n" not in cleaned and cleaned == cleaned.strip()
+    # After a move: the new room's text stays, its header and the status line go.
+    after = clean_observation(moved.observation, moved.objective)
+    assert "coin" in after and "-=" not in after and not after.endswith("/2")
+    assert clean_inventory(start.inventory) == ""
+    assert clean_inventory("  You are carrying: a coin  ") == "You are carrying: a coin"
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "plain"])
+def test_memory_keeps_the_last_turns_oldest_first(tokenizer, prompt_format):
+    config = PromptConfig(format=prompt_format, memory_turns=3, max_prompt_tokens=2048)
+    prompt = build_prompt(OBJECTIVE, "A dark room.", "", ADMISSIBLE, history(5), config, tokenizer)
+    assert "room number 1." not in prompt and "room number 2." not in prompt
+    positions = [prompt.index(f"room number {i}.") for i in (3, 4, 5)]
+    assert positions == sorted(positions)
+    assert positions[-1] < prompt.index("A dark room.")
+    none = build_prompt(OBJECTIVE, "A dark room.", "", ADMISSIBLE, history(5), PromptConfig(
+        format=prompt_format, memory_turns=0, max_prompt_tokens=2048), tokenizer)
+    assert "room number" not in none
+
+
+def test_token_budget_drops_the_oldest_memory_first(tokenizer):
+    config = PromptConfig(format="plain", memory_turns=3, max_prompt_tokens=2048)
+    full = build_prompt(OBJECTIVE, "A dark room.", "", ADMISSIBLE, history(3), config, tokenizer)
+    without_oldest = build_prompt(OBJECTIVE, "A dark room.", "", ADMISSIBLE, history(3)[1:], config, tokenizer)
+    budget = length(tokenizer, without_oldest)
+    assert length(tokenizer, full) > budget
+    tight = PromptConfig(format="plain", memory_turns=3, max_prompt_tokens=budget)
+    prompt = build_prompt(OBJECTIVE, "A dark room.", "", ADMISSIBLE, history(3), tight, tokenizer)
+    assert prompt == without_oldest
+    assert "room number 1." not in prompt and "room number 3." in prompt
+
+    # Past the memory the observation's tail goes, and the prompt still fits.
+    long_observation = "A dark room. " + "The walls are covered in strange writing. " * 40
+    small = PromptConfig(format="plain", memory_turns=3, max_prompt_tokens=120)
+    cut = build_prompt(OBJECTIVE, long_observation, "", ADMISSIBLE, history(3), small, tokenizer)
+    assert length(tokenizer, cut) <= 120
+    assert "room number" not in cut and "A dark room." in cut and cut.endswith("> ")
+    with pytest.raises(ValueError, match="raise --max_prompt_tokens"):
+        build_prompt(OBJECTIVE * 40, "A dark room.", "", ADMISSIBLE, [], small, tokenizer)
+
+
+def test_hint_and_examine_filtering(tokenizer):
+    def prompt_with(**options):
+        config = PromptConfig(format="plain", max_prompt_tokens=2048, **options)
+        return build_prompt(OBJECTIVE, "A room.", "You are carrying: a key", ADMISSIBLE, [], config, tokenizer)
+
+    hinted = prompt_with()
+    assert "Possible actions: go east, take coin\n" in hinted
+    assert "Inventory: You are carrying: a key" in hinted
+    assert "Possible actions: examine coin, go east, inventory, look, take coin\n" in prompt_with(hint_examine=True)
+    assert "Possible actions" not in prompt_with(hint=False)
+    examples = prompt_with(num_examples=2)
+    assert all(observation in examples and f"> {command}\n" in examples for observation, command in EXAMPLE_TURNS)
+
+
+def test_chat_template_and_plain_fallback(tokenizer):
+    chat = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat"), tokenizer)
+    plain_config = PromptConfig(format="plain")
+    plain = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), plain_config, tokenizer)
+    assert tokenizer.chat_template
+    assert chat.count("<|im_start|>user") == 2 and chat.count("<|im_start|>assistant") == 2
+    assert "go door 1<|im_end|>" in chat and chat.endswith("<|im_start|>assistant\n")
+    assert "<|im_start|>" not in plain and plain.endswith("What do you do?\n> ")
+    assert plain.startswith("You are playing a text adventure game.") and f"Goal: {OBJECTIVE}" in plain
+    assert "room number 1. It is a plain room.\n> go door 1\n\n" in plain
+    templateless = copy.deepcopy(tokenizer)
+    templateless.chat_template = None
+    fallback = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat"), templateless)
+    assert fallback == plain
+
+
+@pytest.mark.parametrize(
+    "text, command",
+    [
+        ("take coin", "take coin"),
+        ("Take Coin.", "take coin"),
+        ("  > go north!\nand then something else", "go north"),
+        (">open door", "open door"),
+        ("go west...?", "go west"),
+        ("'examine box'", "'examine box"),
+        ("", ""),
+        ("\nlook", ""),
+        ("   ", ""),
+    ],
+)
+def test_parse_command(text, command):
+    assert parse_command(text) == command
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"format": "xml"}, "unknown prompt format"),
+        ({"memory_turns": -1}, "memory_turns must be >= 0"),
+        ({"num_examples": len(EXAMPLE_TURNS) + 1}, "num_examples in"),
+        ({"max_prompt_tokens": 8}, "at least 32"),
+    ],
+)
+def test_prompt_config_rejects_bad_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        PromptConfig(**options)

@@ -1,0 +1,197 @@
+import copy
+
+import pytest
+import torch
+
+from lib.env import GameState, StepResult
+from lib.generation import GenerationConfig
+from lib.losses import gae_advantages, kl_estimate
+from lib.models import load_model, load_tokenizer
+from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
+from lib.rewards import RewardConfig
+from lib.rollout import (
+    RolloutCollector,
+    collate,
+    load_rollouts,
+    pack_sequences,
+    rollout_rows,
+    save_rollouts,
+)
+from lib.value_head import PolicyWithValue, ValueHead
+
+OBJECTIVE = "Find the coin."
+
+
+class ScriptedEnv:
+    """Two slots with fixed episode lengths: slot 0 wins at its 3rd step, slot 1 is truncated at its 2nd."""
+
+    num_envs = 2
+    plan = [(3, "won"), (2, "truncated")]
+
+    def reset(self):
+        self.episodes, self.steps = [0, 0], [0, 0]
+        return [self.state(slot) for slot in range(2)]
+
+    def state(self, slot, won=False):
+        return GameState(
+            game=f"game-{slot}", episode=self.episodes[slot], steps=self.steps[slot],
+            observation=observation(slot, self.episodes[slot], self.steps[slot]), score=int(won), max_score=1,
+            moves=self.steps[slot], won=won, lost=False, admissible_commands=["take coin", "go east"],
+            objective=OBJECTIVE, inventory="", walkthrough=None,
+        )
+
+    def step(self, commands):
+        results = []
+        for slot, command in enumerate(commands):
+            self.steps[slot] += 1
+            length, ending = self.plan[slot]
+            done = self.steps[slot] >= length
+            after = self.state(slot, won=done and ending == "won")
+            result = StepResult(command, float(after.won), done and ending == "won", done and ending == "truncated",
+                                after, after, invalid=command not in ("take coin", "go east"))
+            if done:
+                self.episodes[slot], self.steps[slot] = self.episodes[slot] + 1, 0
+                result.next_state = self.state(slot)
+            results.append(result)
+        return results
+
+
+def observation(slot, episode, step):
+    return f"Room {slot}-{episode}-{step}. There is a coin here. Exits: east."
+
+
+@pytest.fixture(scope="module")
+def models(tiny_model_path):
+    torch.manual_seed(0)
+    policy = load_model(tiny_model_path)
+    ref = copy.deepcopy(policy)
+    with torch.no_grad():
+        for param in ref.parameters():
+            param.add_(0.05 * torch.randn_like(param))  # a reference that differs from the policy
+    head = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(head.net.weight, std=0.5)
+    return PolicyWithValue(policy, head).eval(), ref.eval(), load_tokenizer(tiny_model_path)
+
+
+@pytest.fixture(scope="module")
+def collected(models):
+    model, ref, tokenizer = models
+    torch.manual_seed(1)
+    collector = RolloutCollector(
+        ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), GenerationConfig(max_new_tokens=4),
+        RewardConfig(("score", "invalid")),
+    )
+    first = collector.collect(model, ref, num_steps=4)
+    second = collector.collect(model, ref, num_steps=1)
+    return first, second
+
+
+def state_value(model, tokenizer, prompt: str) -> float:
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False)["input_ids"]])
+    with torch.no_grad():
+        _, values = model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], ids.shape[1] - 1, ids.shape[1])
+    return float(values[0, 0])
+
+
+def test_pack_sequences_layout():
+    packed = pack_sequences([[1, 2, 3], [4]], [[5], [6, 7]], pad_id=0)
+    assert packed["input_ids"].tolist() == [[1, 2, 3, 5, 0], [0, 0, 4, 6, 7]]
+    assert packed["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert packed["position_ids"][:, :4].tolist() == [[0, 1, 2, 3], [0, 0, 0, 1]]
+    assert packed["position_ids"][1, 4] == 2
+    assert (packed["start"], packed["end"]) == (2, 4)  # position 2 predicts response token 0 of both rows
+    assert packed["response_ids"].tolist() == [[5, 0], [6, 7]]
+    assert packed["response_mask"].tolist() == [[True, False], [True, True]]
+
+
+def test_next_value_bootstrap_indexing(collected, models):
+    model, _, tokenizer = models
+    first, second = collected
+    turns = first.transitions
+    assert len(turns) == 8 and [t.slot for t in turns] == [0, 1] * 4
+    by_step = {(t.slot, i // 2): t for i, t in enumerate(turns)}
+    # Slot 0 wins at its 3rd step (step index 2): 0 after termination, else the same slot's next turn's values[0].
+    assert by_step[0, 2].done and by_step[0, 2].next_value == 0.0
+    for step in (0, 1):
+        assert by_step[0, step].next_value == pytest.approx(float(by_step[0, step + 1].values[0]), abs=1e-6)
+    # The last turn of the rollout bootstraps from the state the next rollout starts from.
+    assert by_step[0, 3].next_value == pytest.approx(float(second.transitions[0].values[0]), abs=1e-4)
+    # Slot 1 is truncated at steps 1 and 3 (the last): the value of the episode's FINAL state, never the next
+    # episode's first state; the prompt holds the episode's history including the truncated turn.
+    assert by_step[1, 0].next_value == pytest.approx(float(by_step[1, 1].values[0]), abs=1e-6)
+    config = PromptConfig(memory_turns=2)
+    for step in (1, 3):
+        turn = by_step[1, step]
+        assert turn.truncated and not turn.done
+        episode_turns = [by_step[1, step - 1], turn]
+        history = [
+            Turn(clean_observation(observation(1, t.episode, t.step - 1), OBJECTIVE), t.command) for t in episode_turns
+        ]
+        final = build_prompt(OBJECTIVE, clean_observation(observation(1, turn.episode, 2), OBJECTIVE), "",
+                             ["take coin", "go east"], history, config, tokenizer)
+        assert turn.next_value == pytest.approx(state_value(model, tokenizer, final), abs=1e-4)
+        assert turn.next_value != pytest.approx(float(by_step[1, step + 1].values[0]) if step == 1 else
+                                                float(second.transitions[1].values[0]), abs=1e-6)
+    # Histories persist across collect calls and restart with each episode.
+    assert second.transitions[0].episode == 1 and second.transitions[0].step == 2
+    assert "Room 0-1-0" in second.transitions[0].prompt
+
+
+def test_cached_logprobs_values_and_ref_logprobs_equal_a_fresh_unpadded_forward(collected, models):
+    model, ref, _ = models
+    for turn in collected[0].transitions + collected[1].transitions:
+        ids = torch.tensor([turn.prompt_ids + turn.response_ids])
+        start, end = len(turn.prompt_ids) - 1, ids.shape[1] - 1
+        with torch.no_grad():
+            logits, values = model(ids, torch.ones_like(ids), torch.arange(ids.shape[1])[None], start, end)
+            ref_logits = ref(ids).logits[:, start:end]
+        labels = torch.tensor(turn.response_ids)
+        fresh = torch.log_softmax(logits[0], -1)[torch.arange(len(labels)), labels]
+        fresh_ref = torch.log_softmax(ref_logits[0], -1)[torch.arange(len(labels)), labels]
+        assert torch.allclose(turn.logprobs, fresh, atol=1e-4)
+        assert torch.allclose(turn.ref_logprobs, fresh_ref, atol=1e-4)
+        assert torch.allclose(turn.values, values[0], atol=1e-4)
+        assert not torch.allclose(turn.logprobs, turn.ref_logprobs, atol=1e-4)
+
+
+def test_rewards_and_episode_summaries(collected):
+    first, _ = collected
+    won = [t for t in first.transitions if t.done]
+    assert won and all(t.reward == pytest.approx(1.0 - 0.1 * t.invalid) for t in won)
+    assert [(e["game"], e["won"], e["length"]) for e in first.episodes] == [
+        ("game-1", False, 2), ("game-0", True, 3), ("game-1", False, 2)
+    ]
+
+
+def test_rollout_dataset_rows_columns_and_atomic_iterations(collected, tmp_path):
+    for iteration, rollout in enumerate(collected, start=1):
+        batch = collate(rollout.transitions, pad_id=0)
+        kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], "k3") * batch["mask"]
+        advantages, returns = gae_advantages(
+            batch["rewards"][:, None] * batch["mask"], batch["values"], batch["mask"], batch["next_values"],
+            batch["dones"], 1.0, 0.9, 0.95,
+        )
+        rows = rollout_rows(rollout.transitions, iteration, 0, advantages, returns, kl, batch["mask"])
+        save_rollouts(rows, tmp_path, iteration)
+    save_rollouts(rows, tmp_path, 2)  # a rerun of an iteration replaces it instead of failing or duplicating
+    dataset = load_rollouts(tmp_path)
+    assert dataset.num_rows == 8 + 2
+    assert {"iteration", "game", "episode", "step", "prompt", "response", "reward", "score", "done", "advantage",
+            "return", "value", "logprob", "kl"} <= set(dataset.column_names)
+    assert dataset["iteration"] == [1] * 8 + [2] * 2
+    first = collected[0].transitions[0]
+    assert dataset[0]["logprob"] == pytest.approx(float(first.logprobs.sum()), abs=1e-5)
+    assert dataset[0]["value"] == pytest.approx(float(first.values[0]), abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "rollouts").iterdir()) == ["iteration-00001", "iteration-00002"]
+    with pytest.raises(FileNotFoundError, match="no rollouts"):
+        load_rollouts(tmp_path / "empty")
+
+
+def test_collate_pads_right_and_keeps_turn_fields(collected):
+    turns = collected[0].transitions
+    batch = collate(turns, pad_id=0)
+    lengths = [len(t.response_ids) for t in turns]
+    assert batch["mask"].sum(dim=1).tolist() == lengths
+    assert batch["dones"].tolist() == [float(t.done) for t in turns]
+    assert torch.equal(batch["next_values"], torch.tensor([t.next_value for t in turns]))
+    assert not torch.isnan(batch["next_values"]).any()
