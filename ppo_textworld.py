@@ -168,10 +168,11 @@ class RolloutArguments:
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
     prompt_format: str = field(default="chat", metadata={"help": f"Prompt format: {', '.join(PROMPT_FORMATS)}."})
+    # 1, not the library's 3: prompt length dominates CPU time, and the default games need little memory.
     memory_turns: int = field(default=1, metadata={"help": "Past turns of the episode shown in the prompt."})
     hint: bool = field(default=True, metadata={"help": "List the admissible commands in the prompt."})
     hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
-    num_examples: int = field(default=0, metadata={"help": "Generic example turns in the prompt."})
+    num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "Generic example turns in the prompt (SmolLM2 answers in prose without them)."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
     reward: str = field(default="score,win,invalid", metadata={"help": f"Comma list of reward components: {', '.join(REWARD_NAMES)}."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score change (reward `score`)."})

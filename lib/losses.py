@@ -422,3 +422,28 @@ def ppo_loss(
         "ratio_mean": pg_stats["ratio_mean"],
     }
     return loss, stats
+
+
+def sft_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_direction: str = "reverse",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning on answer tokens only, averaged over the valid tokens of the batch.
+
+    logits (B, T, V) predict labels (B, T); mask (B, T) is 1 on the answer tokens to learn and 0 on prompt tokens and
+    padding, which then add nothing to the loss or its gradient. loss = masked_mean(-log softmax(logits)[label])
+    (+ kl_coef * masked_mean(exact_kl(logits, ref_logits, kl_direction)) when ref_logits is given, to stay near a
+    reference). Stats (detached 0-d tensors): nll, kl (0 without ref_logits), accuracy (greedy token = label).
+    """
+    nll = masked_mean(-logprobs_from_logits(logits, labels), mask)
+    kl = torch.zeros_like(nll)
+    if ref_logits is not None:
+        kl = masked_mean(exact_kl(logits, ref_logits, kl_direction), mask)
+    loss = nll + kl_coef * kl
+    with torch.no_grad():
+        accuracy = masked_mean((logits.argmax(dim=-1) == labels).to(nll.dtype), mask)
+    return loss, {"nll": nll.detach(), "kl": kl.detach(), "accuracy": accuracy}

@@ -70,7 +70,7 @@ def parse_command(text: str) -> str:
 @dataclass
 class PromptConfig:
     format: str = "chat"
-    memory_turns: int = 1  # each past turn costs ~60 prompt tokens, and prompt length dominates CPU time
+    memory_turns: int = 3  # each past turn costs ~60 prompt tokens; the token budget drops the oldest first
     hint: bool = True
     hint_examine: bool = False
     # Zero-shot SmolLM2-135M answers in prose without examples (every command invalid) and in commands with two.
@@ -168,3 +168,11 @@ def build_prompt(
             "memory and observation; raise --max_prompt_tokens or turn off --hint"
         )
     return prompt
+
+
+def answer_text(command: str, config: PromptConfig, tokenizer) -> str:
+    """What the policy writes after a prompt to give `command`: the command, then what ends a reply in the prompt's
+    format (the end-of-turn token of a chat template, a newline in a plain transcript), the places generation stops."""
+    if config.format == "chat" and getattr(tokenizer, "chat_template", None):
+        return command + tokenizer.eos_token
+    return command + "\n"

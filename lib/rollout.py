@@ -28,7 +28,8 @@ Histories (list of lib.prompts.Turn per slot) and the env's episodes persist acr
 never reset between iterations; a slot's history is cleared when its episode ends.
 
 Rollout dataset: one row per turn, one `datasets` folder per iteration under `output_dir/rollouts/iteration-NNNNN`
-(written under a temporary name, then renamed, so a crash never leaves half an iteration). Columns: iteration, rank,
+(written under a temporary name, then renamed, so a crash never leaves half an iteration; rejection_sampling.py
+writes its rounds the same way, as `round-NNNNN`). Columns: iteration, rank,
 slot, game, episode, step (1 = first command of the episode), prompt, response, command, reward (reward chain
 total), score (after the step), max_score, done (terminated), truncated, won, invalid, advantage (MEAN over the
 turn's response tokens of the token advantages, before whitening), return (at the first response token: the value
@@ -45,7 +46,9 @@ from pathlib import Path
 
 import torch
 
+from lib.agents import Agent
 from lib.env import BatchEnv, GameState
+from lib.evaluation import evaluate, rank_episodes
 from lib.generation import GenerationConfig, generate
 from lib.losses import logprobs_from_logits
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
@@ -259,6 +262,71 @@ class RolloutCollector:
         }
 
 
+class _RewardRecorder(Agent):
+    """Plays like `agent` and writes down every turn with its reward-chain total (for `play_episodes`)."""
+
+    name = "model"
+    needs_prompts = True
+
+    def __init__(self, agent: Agent, reward_config: RewardConfig, episode_ids: list[int]):
+        self.agent = agent
+        self.reward_config = reward_config
+        self.episode_ids = episode_ids  # this rank's episode k is global episode episode_ids[k]
+        self.states: list[GameState | None] = []
+        self.prompts: list[str | None] = []
+        self.commands: list[str | None] = []
+        self.turns: list[dict] = []
+
+    def act(self, states, prompts):
+        self.states, self.prompts = states, prompts
+        self.commands = self.agent.act(states, prompts)
+        return self.commands
+
+    def responses(self, commands):
+        return self.agent.responses(commands)
+
+    def observe(self, results):
+        responses = self.agent.responses(self.commands)
+        for slot, result in enumerate(results):
+            if result is None:
+                continue
+            before, after = self.states[slot], result.state
+            self.turns.append({
+                "game": after.game, "episode": self.episode_ids[after.episode], "step": after.steps,
+                "prompt": self.prompts[slot], "response": responses[slot], "command": result.command,
+                "reward": compute_reward(result, result.command, self.reward_config, before)["total"],
+                "score": after.score, "max_score": after.max_score, "won": after.won, "invalid": result.invalid,
+                "done": result.done,
+            })
+
+
+def play_episodes(
+    agent: Agent,
+    games: list[str],
+    num_episodes: int,
+    num_envs: int,
+    max_episode_steps: int,
+    prompt_config: PromptConfig,
+    tokenizer,
+    reward_config: RewardConfig,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> tuple[list[dict], dict]:
+    """Play `num_episodes` whole episodes (over all ranks) with `agent`, as lib.evaluation.evaluate does: the same
+    prompts, the same share of episodes per rank and game. Returns this rank's turns and its evaluation report.
+
+    A turn: game (file), episode (global number), step (1 = first command), prompt, response (raw text), command,
+    reward (reward-chain total), score and max_score after it, won, invalid, done (its episode ended there).
+    """
+    recorder = _RewardRecorder(agent, reward_config, rank_episodes(num_episodes, len(games), rank, world_size))
+    result = evaluate(
+        recorder, games, num_episodes, num_envs, max_episode_steps, prompt_config, tokenizer=tokenizer, seed=seed,
+        rank=rank, world_size=world_size, progress=False,
+    )
+    return recorder.turns, result.report
+
+
 def collate(transitions: list[Transition], pad_id: int) -> dict[str, torch.Tensor]:
     """The rollout as right-padded (N, T) tensors (response_ids, mask, logprobs, ref_logprobs, values) and (N,)
     tensors (rewards, dones, next_values); T = the longest response."""
@@ -304,14 +372,14 @@ def rollout_rows(
     return rows
 
 
-def save_rollouts(rows: list[dict], output_dir: str | Path, iteration: int) -> Path:
-    """Write one iteration's rows as `output_dir/rollouts/iteration-NNNNN` (replacing a stale one from a run that
+def save_rollouts(rows: list[dict], output_dir: str | Path, iteration: int, prefix: str = "iteration") -> Path:
+    """Write one iteration's rows as `output_dir/rollouts/PREFIX-NNNNN` (replacing a stale one from a run that
     crashed before its checkpoint)."""
     from datasets import Dataset
 
     folder = Path(output_dir) / ROLLOUTS_DIR
-    target = folder / f"iteration-{iteration:05d}"
-    temporary = folder / f".tmp-iteration-{iteration:05d}"
+    target = folder / f"{prefix}-{iteration:05d}"
+    temporary = folder / f".tmp-{prefix}-{iteration:05d}"
     shutil.rmtree(temporary, ignore_errors=True)
     Dataset.from_list(rows).save_to_disk(str(temporary))
     if target.exists():
@@ -320,14 +388,15 @@ def save_rollouts(rows: list[dict], output_dir: str | Path, iteration: int) -> P
     return target
 
 
-def load_rollouts(folder: str | Path):
-    """All iterations saved under `folder` (an output dir or its rollouts/ folder) as one `datasets.Dataset`."""
+def load_rollouts(folder: str | Path, prefix: str = "iteration"):
+    """All iterations (or rounds: prefix `round`) saved under `folder` (an output dir or its rollouts/ folder) as one
+    `datasets.Dataset`."""
     from datasets import concatenate_datasets, load_from_disk
 
     folder = Path(folder)
     if (folder / ROLLOUTS_DIR).is_dir():
         folder = folder / ROLLOUTS_DIR
-    parts = sorted(folder.glob("iteration-*"))
+    parts = sorted(folder.glob(f"{prefix}-*"))
     if not parts:
-        raise FileNotFoundError(f"no rollouts in {folder}: expected iteration-NNNNN folders written by ppo_textworld.py")
+        raise FileNotFoundError(f"no rollouts in {folder}: expected {prefix}-NNNNN folders written by a training script")
     return concatenate_datasets([load_from_disk(str(part)) for part in parts])

@@ -105,8 +105,8 @@ def test_hint_and_examine_filtering(tokenizer):
 
 
 def test_chat_template_and_plain_fallback(tokenizer):
-    chat = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat"), tokenizer)
-    plain_config = PromptConfig(format="plain")
+    chat = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat", num_examples=0), tokenizer)
+    plain_config = PromptConfig(format="plain", num_examples=0)
     plain = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), plain_config, tokenizer)
     assert tokenizer.chat_template
     assert chat.count("<|im_start|>user") == 2 and chat.count("<|im_start|>assistant") == 2
@@ -116,7 +116,7 @@ def test_chat_template_and_plain_fallback(tokenizer):
     assert "room number 1. It is a plain room.\n> go door 1\n\n" in plain
     templateless = copy.deepcopy(tokenizer)
     templateless.chat_template = None
-    fallback = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat"), templateless)
+    fallback = build_prompt(OBJECTIVE, "A room.", "", ADMISSIBLE, history(1), PromptConfig(format="chat", num_examples=0), templateless)
     assert fallback == plain
 
 

@@ -1,0 +1,91 @@
+"""Flags the training scripts share: how the policy is prompted, samples and is rewarded (one dataclass, so every
+trainer plays with the same prompts and rewards), reading flags from the command line or a YAML file, and the checks
+of the shared flags. Each check raises ValueError naming the flag; nothing here loads a model or a game.
+"""
+
+import importlib.util
+import os
+import re
+from dataclasses import dataclass, field
+
+from lib.generation import GenerationConfig
+from lib.prompts import PROMPT_FORMATS, PromptConfig
+from lib.rewards import REWARD_NAMES, RewardConfig, parse_reward_names
+
+TRACKERS = ("tensorboard", "wandb", "trackio", "none")
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
+
+
+@dataclass
+class RolloutArguments:
+    max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
+    prompt_format: str = field(default="chat", metadata={"help": f"Prompt format: {', '.join(PROMPT_FORMATS)}."})
+    # 1, not the library's 3: prompt length dominates CPU time, and the default games need little memory.
+    memory_turns: int = field(default=1, metadata={"help": "Past turns of the episode shown in the prompt."})
+    hint: bool = field(default=True, metadata={"help": "List the admissible commands in the prompt."})
+    hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
+    num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "Generic example turns in the prompt (SmolLM2 answers in prose without them)."})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
+    reward: str = field(default="score,win,invalid", metadata={"help": f"Comma list of reward components: {', '.join(REWARD_NAMES)}."})
+    score_weight: float = field(default=1.0, metadata={"help": "Weight of the score change (reward `score`)."})
+    win_bonus: float = field(default=1.0, metadata={"help": "Bonus for winning (reward `win`)."})
+    lose_penalty: float = field(default=1.0, metadata={"help": "Penalty for losing (reward `lose`)."})
+    living_cost: float = field(default=0.01, metadata={"help": "Cost per step (reward `living`)."})
+    invalid_penalty: float = field(default=0.1, metadata={"help": "Penalty for a non-admissible or no-op command (reward `invalid`)."})
+    letter_e_weight: float = field(default=1.0, metadata={"help": "Reward per letter e in the command (reward `letter_e`)."})
+
+
+def generation_config(rollout: RolloutArguments, greedy: bool = False) -> GenerationConfig:
+    if greedy:
+        return GenerationConfig(max_new_tokens=rollout.max_new_tokens, do_sample=False)
+    return GenerationConfig(rollout.max_new_tokens, True, rollout.temperature, rollout.top_k, rollout.top_p)
+
+
+def prompt_config(rollout: RolloutArguments) -> PromptConfig:
+    return PromptConfig(
+        rollout.prompt_format, rollout.memory_turns, rollout.hint, rollout.hint_examine, rollout.num_examples,
+        rollout.max_prompt_tokens,
+    )
+
+
+def reward_config(rollout: RolloutArguments) -> RewardConfig:
+    return RewardConfig(
+        parse_reward_names(rollout.reward), rollout.score_weight, rollout.win_bonus, rollout.lose_penalty,
+        rollout.living_cost, rollout.invalid_penalty, rollout.letter_e_weight,
+    )
+
+
+def check_rollout_arguments(rollout: RolloutArguments) -> None:
+    for flag, build in (("generation flags", lambda: generation_config(rollout)), ("prompt flags", lambda: prompt_config(rollout)),
+                        ("--reward", lambda: reward_config(rollout))):
+        try:
+            build()
+        except ValueError as error:
+            raise ValueError(f"{flag}: {error}") from None
+
+
+def check_report_to(report_to: str) -> None:
+    if report_to not in TRACKERS:
+        raise ValueError(f"--report_to {report_to!r} is unknown; choose one of {', '.join(TRACKERS)}")
+    if report_to in TRACKER_MODULES and importlib.util.find_spec(TRACKER_MODULES[report_to]) is None:
+        raise ValueError(f"--report_to {report_to} needs the {TRACKER_MODULES[report_to]} package: pip install it or pass --report_to none")
+
+
+def check_push_to_hub(repo_id: str | None) -> None:
+    if repo_id is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
+        raise ValueError(f"--push_to_hub {repo_id!r} is not a repo id (name or owner/name)")
+
+
+def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
+    """One instance per dataclass, from command-line flags or from a single YAML file argument."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types)
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        if not os.path.isfile(argv[0]):
+            raise ValueError(f"config file not found: {argv[0]}")
+        return parser.parse_yaml_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
