@@ -33,11 +33,9 @@ training_state/ for resuming and trainer_state.json); rollouts/iteration-NNNNN d
 runs/ tensorboard logs.
 """
 
-import contextlib
 import copy
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -51,10 +49,19 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lib.agents import ModelAgent, RandomAgent
+from lib.arguments import (
+    TRACKERS,
+    RolloutArguments,
+    check_push_to_hub,
+    check_report_to,
+    check_rollout_arguments,
+    generation_config,
+    parse_arguments,
+    prompt_config,
+    reward_config,
+)
 from lib.env import BatchEnv
-from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
-from lib.generation import GenerationConfig
 from lib.losses import (
     KL_DIRECTIONS,
     KL_ESTIMATORS,
@@ -78,27 +85,32 @@ from lib.models import (
     ModelError,
     load_model,
     load_tokenizer,
-    newest_checkpoint,
-    save_model,
 )
-from lib.prompts import PROMPT_FORMATS, PromptConfig
-from lib.rewards import REWARD_NAMES, RewardConfig, parse_reward_names
 from lib.rollout import RolloutCollector, collate, load_rollouts, pack_sequences, rollout_rows, save_rollouts
+from lib.training import (
+    LOG_DIR,
+    TRAINER_STATE_FILE,
+    TRAINING_STATE_DIR,
+    check_output_dir,
+    describe,
+    eval_metrics,
+    evaluation_table,
+    find_resume_checkpoint,
+    gathered_for_evaluation,
+    prepare_reference,
+    push_to_hub,
+    run_evaluation,
+    save_checkpoint,
+    save_final_model,
+)
 from lib.value_head import (
     VALUE_HEAD_TYPES,
     PolicyWithValue,
     ValueHead,
     freeze_lower_layers,
     response_logits,
-    save_value_head,
 )
 
-TRAINING_STATE_DIR = "training_state"
-TRAINER_STATE_FILE = "trainer_state.json"
-ARGS_FILE = "training_args.json"
-TRACKERS = ("tensorboard", "wandb", "trackio", "none")
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
-LOG_DIR = "runs"
 # Added to the env seed on resume so a resumed run does not replay the game order of the first iterations.
 RESUME_SEED_STRIDE = 1_000
 
@@ -161,40 +173,7 @@ class ModelArguments:
     trainable_layers_fraction: float = field(default=0.33, metadata={"help": "Train only this last fraction of decoder layers plus the final norm (and the LM head when not tied to the input embeddings); 1 trains all."})
 
 
-@dataclass
-class RolloutArguments:
-    max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
-    top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling (1: off)."})
-    prompt_format: str = field(default="chat", metadata={"help": f"Prompt format: {', '.join(PROMPT_FORMATS)}."})
-    # 1, not the library's 3: prompt length dominates CPU time, and the default games need little memory.
-    memory_turns: int = field(default=1, metadata={"help": "Past turns of the episode shown in the prompt."})
-    hint: bool = field(default=True, metadata={"help": "List the admissible commands in the prompt."})
-    hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
-    num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "Generic example turns in the prompt (SmolLM2 answers in prose without them)."})
-    max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
-    reward: str = field(default="score,win,invalid", metadata={"help": f"Comma list of reward components: {', '.join(REWARD_NAMES)}."})
-    score_weight: float = field(default=1.0, metadata={"help": "Weight of the score change (reward `score`)."})
-    win_bonus: float = field(default=1.0, metadata={"help": "Bonus for winning (reward `win`)."})
-    lose_penalty: float = field(default=1.0, metadata={"help": "Penalty for losing (reward `lose`)."})
-    living_cost: float = field(default=0.01, metadata={"help": "Cost per step (reward `living`)."})
-    invalid_penalty: float = field(default=0.1, metadata={"help": "Penalty for a non-admissible or no-op command (reward `invalid`)."})
-    letter_e_weight: float = field(default=1.0, metadata={"help": "Reward per letter e in the command (reward `letter_e`)."})
-
-
 ALL_ARGUMENTS = (RunArguments, PPOArguments, ModelArguments, RolloutArguments)
-
-
-def parse_arguments(argv: list[str]):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(ALL_ARGUMENTS)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"config file not found: {argv[0]}")
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments, rollout: RolloutArguments, world_size: int):
@@ -232,15 +211,8 @@ def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments,
         raise ValueError(f"--value_head_hidden_size must be >= 0, got {model.value_head_hidden_size}")
     if run.dtype not in DTYPES:
         raise ValueError(f"--dtype {run.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    if run.report_to not in TRACKERS:
-        raise ValueError(f"--report_to {run.report_to!r} is unknown; choose one of {', '.join(TRACKERS)}")
-    if run.report_to in TRACKER_MODULES:
-        import importlib.util
-
-        if importlib.util.find_spec(TRACKER_MODULES[run.report_to]) is None:
-            raise ValueError(f"--report_to {run.report_to} needs the {TRACKER_MODULES[run.report_to]} package: pip install it or pass --report_to none")
-    if run.push_to_hub is not None and not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", run.push_to_hub):
-        raise ValueError(f"--push_to_hub {run.push_to_hub!r} is not a repo id (name or owner/name)")
+    check_report_to(run.report_to)
+    check_push_to_hub(run.push_to_hub)
     if run.num_envs % world_size:
         raise ValueError(f"--num_envs {run.num_envs} must be divisible by the number of processes ({world_size})")
     per_process = run.num_envs // world_size * run.num_steps
@@ -254,101 +226,12 @@ def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments,
             f"each minibatch ({per_process // ppo.num_minibatches} turns) must be divisible by "
             f"--gradient_accumulation_steps {ppo.gradient_accumulation_steps}"
         )
-    for flag, build in (("generation flags", lambda: generation_config(rollout)), ("prompt flags", lambda: prompt_config(rollout)),
-                        ("--reward", lambda: reward_config(rollout))):
-        try:
-            build()
-        except ValueError as error:
-            raise ValueError(f"{flag}: {error}") from None
+    check_rollout_arguments(rollout)
     for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
         try:
             check_game_source(source)
         except GameError as error:
             raise ValueError(f"{flag}: {error}") from None
-
-
-def generation_config(rollout: RolloutArguments, greedy: bool = False) -> GenerationConfig:
-    if greedy:
-        return GenerationConfig(max_new_tokens=rollout.max_new_tokens, do_sample=False)
-    return GenerationConfig(rollout.max_new_tokens, True, rollout.temperature, rollout.top_k, rollout.top_p)
-
-
-def prompt_config(rollout: RolloutArguments) -> PromptConfig:
-    return PromptConfig(
-        rollout.prompt_format, rollout.memory_turns, rollout.hint, rollout.hint_examine, rollout.num_examples,
-        rollout.max_prompt_tokens,
-    )
-
-
-def reward_config(rollout: RolloutArguments) -> RewardConfig:
-    return RewardConfig(
-        parse_reward_names(rollout.reward), rollout.score_weight, rollout.win_bonus, rollout.lose_penalty,
-        rollout.living_cost, rollout.invalid_penalty, rollout.letter_e_weight,
-    )
-
-
-def find_resume_checkpoint(run: RunArguments) -> Path | None:
-    if run.resume_from_checkpoint is None:
-        return None
-    if run.resume_from_checkpoint == "latest":
-        folder = newest_checkpoint(run.output_dir)
-        if folder is None:
-            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {Path(run.output_dir) / CHECKPOINTS_DIR}")
-    else:
-        folder = Path(run.resume_from_checkpoint)
-    if not (folder / TRAINING_STATE_DIR).is_dir() or not (folder / TRAINER_STATE_FILE).is_file():
-        raise ValueError(f"--resume_from_checkpoint {folder}: not a checkpoint of ppo_textworld.py (no {TRAINING_STATE_DIR}/)")
-    done = json.loads((folder / TRAINER_STATE_FILE).read_text())["iteration"]
-    if done >= run.num_iterations:
-        raise ValueError(f"--num_iterations {run.num_iterations}: {folder} already finished iteration {done}; raise it to continue")
-    return folder
-
-
-def check_output_dir(run: RunArguments) -> None:
-    """A fresh run must not mix its rollouts and checkpoints with an earlier run's."""
-    output = Path(run.output_dir)
-    earlier = [output / CHECKPOINTS_DIR, output / "rollouts"]
-    if run.resume_from_checkpoint is None and any(path.exists() for path in earlier):
-        if not run.overwrite_output_dir:
-            raise ValueError(
-                f"--output_dir {output} holds an earlier run: pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to replace it, or another --output_dir"
-            )
-
-
-def prepare_reference(ref_model, accelerator):
-    """The frozen reference on the right device; under ZeRO-3 an inference-only DeepSpeed engine (as trl does), so
-    its weights are sharded like the policy's. Returns what to call: the module, or the engine under ZeRO-3."""
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is None or plugin.zero_stage != 3:
-        return ref_model.to(accelerator.device)
-    import deepspeed
-
-    config = copy.deepcopy(plugin.deepspeed_config)
-    hidden = ref_model.config.hidden_size
-    config["zero_optimization"].update({
-        "reduce_bucket_size": hidden * hidden,
-        "stage3_param_persistence_threshold": 10 * hidden,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-    })
-    for key in ("optimizer", "scheduler"):
-        config.pop(key, None)
-    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
-    engine.eval()
-    return engine
-
-
-@contextlib.contextmanager
-def gathered_for_evaluation(model, zero3: bool):
-    """Under ZeRO-3 every process gathers the full weights for the evaluation and generates without collectives:
-    evaluation ends episodes at different times on each process, so their generate calls do not pair up."""
-    if not zero3:
-        yield
-        return
-    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
-
-    with unwrap_model_for_generation(model):
-        yield
 
 
 def model_card(run: RunArguments, iteration: int, evals: dict) -> str:
@@ -358,102 +241,21 @@ def model_card(run: RunArguments, iteration: int, evals: dict) -> str:
         f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` on games `{run.train_games}`.",
         "A value head for further PPO training is in `value_head.safetensors`.", "",
         f"Held-out evaluation on `{run.eval_games}` (eval split, greedy decoding):", "",
-        "| agent | normalized score | win rate | invalid rate | mean steps | episodes |",
-        "|---|---|---|---|---|---|",
+        *evaluation_table(evals),
     ]
-    for name, report in evals.items():
-        if report:
-            lines.append(
-                f"| {name} | {report['normalized_score']:.3f} | {report['win_rate']:.3f} | {report['invalid_rate']:.3f} "
-                f"| {report['mean_steps']:.1f} | {report['episodes']} |"
-            )
     lines += ["", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", ""]
     return "\n".join(lines)
-
-
-def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, card: str, arguments: dict) -> None:
-    """Policy (save_pretrained), value head file, tokenizer, args and model card into folder (main process only)."""
-    unwrapped = accelerator.unwrap_model(model)
-    policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
-    head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
-    save_model(unwrapped.policy, tokenizer, folder, state_dict=policy_state)
-    save_value_head(unwrapped.value_head, folder, head_state)
-    (folder / ARGS_FILE).write_text(json.dumps(arguments, indent=2))
-    (folder / "README.md").write_text(card)
-
-
-def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, iteration: int, trainer_state: dict,
-                    card: str, arguments: dict, keep: int) -> Path:
-    """checkpoints/checkpoint-N written under a temporary name and renamed, so a crash leaves no half checkpoint."""
-    folder = output_dir / CHECKPOINTS_DIR / f"checkpoint-{iteration}"
-    temporary = folder.parent / f".tmp-{folder.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards: every process must call it
-    accelerator.save_state(str(temporary / TRAINING_STATE_DIR))
-    if accelerator.is_main_process:
-        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
-        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(temporary, folder)
-        if keep:
-            older = sorted(
-                (int(p.name.split("-")[-1]), p) for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
-            )
-            for _, path in older[:-keep]:
-                shutil.rmtree(path)
-    accelerator.wait_for_everyone()
-    return folder
-
-
-def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str, arguments: dict) -> None:
-    """The final policy at output_dir's root, each file moved into place only once all are written."""
-    state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        temporary = output_dir / ".tmp-final"
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
-        for path in temporary.iterdir():
-            os.replace(path, output_dir / path.name)
-        temporary.rmdir()
-    accelerator.wait_for_everyone()
-
-
-def run_evaluation(accelerator, agent, games, run: RunArguments, rollout: RolloutArguments, tokenizer) -> dict | None:
-    """Each process plays its share of the eval games; the reports are merged over processes."""
-    if run.eval_episodes == 0:
-        return None
-    result = evaluate(
-        agent, games, run.eval_episodes, max(1, run.num_envs // accelerator.num_processes), run.max_episode_steps,
-        prompt_config(rollout), tokenizer=tokenizer, seed=run.seed, rank=accelerator.process_index,
-        world_size=accelerator.num_processes, progress=False,
-    )
-    return merge_reports(gather_object([result.report]))
-
-
-def eval_metrics(report: dict | None) -> dict:
-    if not report:
-        return {}
-    return {f"eval/{key}": report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}
-
-
-def describe(report: dict | None) -> str:
-    if not report:
-        return "not evaluated"
-    return f"normalized score {report['normalized_score']:.3f}, win rate {report['win_rate']:.3f}, invalid rate {report['invalid_rate']:.3f}"
 
 
 def main(argv: list[str]) -> None:
     # Every check runs before anything heavy is built; launchers export WORLD_SIZE before starting the script.
     try:
-        run, ppo, model_args, rollout_args = parse_arguments(argv)
+        run, ppo, model_args, rollout_args = parse_arguments(ALL_ARGUMENTS, argv)
         check_arguments(run, ppo, model_args, rollout_args, int(os.environ.get("WORLD_SIZE", "1")))
-        check_output_dir(run)
-        resume_folder = find_resume_checkpoint(run)
+        check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
+        resume_folder = find_resume_checkpoint(
+            run.resume_from_checkpoint, run.output_dir, "iteration", run.num_iterations, "--num_iterations"
+        )
     except ValueError as error:
         sys.exit(f"error: {error}")
 
@@ -553,10 +355,16 @@ def main(argv: list[str]) -> None:
     greedy_agent = ModelAgent(unwrapped.policy, tokenizer, generation_config(rollout_args, greedy=True))
     evals = trainer_state["evals"]
     if "random" not in evals:
-        evals["random"] = run_evaluation(accelerator, RandomAgent(run.seed), eval_games, run, rollout_args, tokenizer)
+        evals["random"] = run_evaluation(
+            accelerator, RandomAgent(run.seed), eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+            prompt_config(rollout_args), tokenizer, run.seed,
+        )
         started = time.time()
         with gathered_for_evaluation(model, zero3), accelerator.autocast():
-            evals["before"] = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+            evals["before"] = run_evaluation(
+                accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+                prompt_config(rollout_args), tokenizer, run.seed,
+            )
         accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
         accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
 
@@ -698,7 +506,10 @@ def main(argv: list[str]) -> None:
         if run.eval_every and iteration % run.eval_every == 0 and not last:
             started = time.time()
             with gathered_for_evaluation(model, zero3), accelerator.autocast():
-                report = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+                report = run_evaluation(
+                    accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+                    prompt_config(rollout_args), tokenizer, run.seed,
+                )
             metrics.update(eval_metrics(report))
             metrics["perf/eval_s"] = time.time() - started
         accelerator.log(metrics, step=iteration)
@@ -720,7 +531,10 @@ def main(argv: list[str]) -> None:
     # ---- final evaluation, model, checkpoint, hub
     started = time.time()
     with gathered_for_evaluation(model, zero3), accelerator.autocast():
-        evals["after"] = run_evaluation(accelerator, greedy_agent, eval_games, run, rollout_args, tokenizer)
+        evals["after"] = run_evaluation(
+            accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+            prompt_config(rollout_args), tokenizer, run.seed,
+        )
     accelerator.log({**eval_metrics(evals["after"]), "perf/eval_s": time.time() - started}, step=run.num_iterations)
     card = model_card(run, run.num_iterations, evals)
     checkpoint = save_checkpoint(
@@ -729,15 +543,7 @@ def main(argv: list[str]) -> None:
     )
     save_final_model(accelerator, model, tokenizer, output_dir, card, arguments)
     if run.push_to_hub and accelerator.is_main_process:
-        from huggingface_hub import HfApi
-
-        api = HfApi()
-        api.create_repo(run.push_to_hub, exist_ok=True)
-        api.upload_folder(
-            repo_id=run.push_to_hub, folder_path=str(output_dir),
-            ignore_patterns=[f"{CHECKPOINTS_DIR}/*", "rollouts/*", f"{LOG_DIR}/*", ".tmp-*"],
-        )
-        load_rollouts(output_dir).push_to_hub(run.push_to_hub)
+        push_to_hub(run.push_to_hub, output_dir, load_rollouts(output_dir))
     accelerator.print(
         f"held-out eval on {run.eval_games} ({run.eval_episodes} episodes, greedy):\n"
         f"  random-admissible: {describe(evals.get('random'))}\n"

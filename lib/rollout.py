@@ -8,6 +8,9 @@ One `RolloutCollector.collect(model, ref_model, num_steps)` plays num_steps turn
                   -> env.step(commands) -> reward chain (lib.rewards) -> one Transition per slot
   then one value-only forward over the prompts the next iteration starts from.
 
+`play_episodes` plays whole episodes instead (rejection sampling's rounds): lib.evaluation.evaluate with the given
+agent, each turn written down with its reward-chain total.
+
 Positions. A turn's sequence is its prompt p (P tokens) followed by its response r (R tokens). Response token j is
 predicted from position P-1+j, so
   logprobs[j]     = log pi(r_j | p, r_<j)        logits at P-1+j divided by the sampling temperature

@@ -1,8 +1,9 @@
 """Which played episodes (or turns) rejection sampling keeps: ranking by value and the keep rules. Pure Python.
 
 A candidate is an episode (value: its return) or a turn (value: its discounted return-to-go), optionally minus a KL
-penalty; the caller computes the values. Candidates are ranked best first; equal values keep the caller's order (the
-earlier candidate ranks higher), so the same values always give the same ranks and the same kept set.
+penalty; the caller computes the values. Candidates are ranked best first; equal values (to 9 decimals, so that
+float noise of sums in another order, 0.1 + 0.2 against 0.3, does not decide) keep the caller's order: the earlier
+candidate ranks higher, so the same values always give the same ranks and the same kept set.
 
 Keep rules (`select`): the top `keep_top_n` candidates, or the top `keep_top_percent` percent of them (rounded up, so
 any positive percent of a non-empty set keeps at least one), optionally only those whose value is above
@@ -38,7 +39,7 @@ class Selection:
 
 def top_count(num_candidates: int, keep_top_percent: float) -> int:
     """How many candidates `keep_top_percent` (in (0, 100]) keeps: the share rounded up."""
-    # round() first: 10 * 30 / 100 must stay 3, not become 4 through a float error of 1e-16.
+    # round() first: 100/11 percent of 11 candidates is 1.0000000000000002 in floats, and must keep 1, not 2.
     return math.ceil(round(num_candidates * keep_top_percent / 100, 9))
 
 
@@ -54,6 +55,7 @@ def select(
         raise ValueError("keep_top_percent and keep_top_n exclude each other")
     if keep_top_percent is None and keep_top_n is None and min_return is None:
         raise ValueError("no keep rule: give keep_top_percent, keep_top_n or min_return")
+    values = [round(value, 9) for value in values]
     order = sorted(range(len(values)), key=lambda i: (-values[i], i))
     ranks = [0] * len(values)
     for rank, index in enumerate(order, start=1):

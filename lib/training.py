@@ -1,0 +1,213 @@
+"""What the training scripts share around their algorithm, on top of `accelerate`: the frozen reference model, held-out
+evaluation over all processes, the model card's results table, checkpoints (written whole or not at all) and
+finding the one to resume from.
+
+Layout of a script's output_dir: the final policy (save_pretrained, tokenizer, README.md model card, training_args.json)
+at its root; checkpoints/checkpoint-N holding the same plus training_state/ (accelerator.save_state: weights,
+optimizer, RNG states) and trainer_state.json (the step reached, counters, evaluations); rollouts/ (datasets, see
+lib/rollout.py); runs/ (tracker logs).
+"""
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+from pathlib import Path
+
+from accelerate.utils import gather_object
+
+from lib.evaluation import evaluate, merge_reports
+from lib.models import CHECKPOINTS_DIR, newest_checkpoint, save_model
+from lib.prompts import PromptConfig
+from lib.rollout import ROLLOUTS_DIR
+from lib.value_head import PolicyWithValue, save_value_head
+
+TRAINING_STATE_DIR = "training_state"
+TRAINER_STATE_FILE = "trainer_state.json"
+ARGS_FILE = "training_args.json"
+LOG_DIR = "runs"
+
+
+def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, step_key: str, last_step: int,
+                           last_step_flag: str) -> Path | None:
+    """The checkpoint folder `--resume_from_checkpoint` names (`latest`: the newest in output_dir), or None.
+
+    Its trainer_state.json must hold `step_key` (the script's step: iteration, round) below `last_step`, the value of
+    `last_step_flag`; raises ValueError naming the flag otherwise.
+    """
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        folder = newest_checkpoint(output_dir)
+        if folder is None:
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}")
+    else:
+        folder = Path(resume_from_checkpoint)
+    if not (folder / TRAINING_STATE_DIR).is_dir() or not (folder / TRAINER_STATE_FILE).is_file():
+        raise ValueError(f"--resume_from_checkpoint {folder}: not a training checkpoint (no {TRAINING_STATE_DIR}/)")
+    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+    if step_key not in state:
+        raise ValueError(f"--resume_from_checkpoint {folder}: written by another script (no {step_key!r} in {TRAINER_STATE_FILE})")
+    if state[step_key] >= last_step:
+        raise ValueError(f"{last_step_flag} {last_step}: {folder} already finished {step_key} {state[step_key]}; raise it to continue")
+    return folder
+
+
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
+    """A fresh run must not mix its rollouts and checkpoints with an earlier run's."""
+    output = Path(output_dir)
+    earlier = [output / CHECKPOINTS_DIR, output / ROLLOUTS_DIR]
+    if resume_from_checkpoint is None and any(path.exists() for path in earlier):
+        if not overwrite_output_dir:
+            raise ValueError(
+                f"--output_dir {output} holds an earlier run: pass --resume_from_checkpoint latest to continue it, "
+                "--overwrite_output_dir to replace it, or another --output_dir"
+            )
+
+
+def prepare_reference(ref_model, accelerator):
+    """The frozen reference on the right device; under ZeRO-3 an inference-only DeepSpeed engine (as trl does), so
+    its weights are sharded like the policy's. Returns what to call: the module, or the engine under ZeRO-3."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None or plugin.zero_stage != 3:
+        return ref_model.to(accelerator.device)
+    import deepspeed
+
+    config = copy.deepcopy(plugin.deepspeed_config)
+    hidden = ref_model.config.hidden_size
+    config["zero_optimization"].update({
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_param_persistence_threshold": 10 * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+    })
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    engine, *_ = deepspeed.initialize(model=ref_model, config=config)
+    engine.eval()
+    return engine
+
+
+@contextlib.contextmanager
+def gathered_for_evaluation(model, zero3: bool):
+    """Under ZeRO-3 every process gathers the full weights for the evaluation and generates without collectives:
+    evaluation ends episodes at different times on each process, so their generate calls do not pair up."""
+    if not zero3:
+        yield
+        return
+    from deepspeed.runtime.zero.stage3 import unwrap_model_for_generation
+
+    with unwrap_model_for_generation(model):
+        yield
+
+
+def run_evaluation(accelerator, agent, games: list[str], num_episodes: int, num_envs: int, max_episode_steps: int,
+                   prompt_config: PromptConfig, tokenizer, seed: int) -> dict | None:
+    """Each process plays its share of the eval games (num_envs slots in total); the reports are merged over
+    processes. None when num_episodes is 0."""
+    if num_episodes == 0:
+        return None
+    result = evaluate(
+        agent, games, num_episodes, max(1, num_envs // accelerator.num_processes), max_episode_steps,
+        prompt_config, tokenizer=tokenizer, seed=seed, rank=accelerator.process_index,
+        world_size=accelerator.num_processes, progress=False,
+    )
+    return merge_reports(gather_object([result.report]))
+
+
+def eval_metrics(report: dict | None) -> dict:
+    if not report:
+        return {}
+    return {f"eval/{key}": report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}
+
+
+def describe(report: dict | None) -> str:
+    if not report:
+        return "not evaluated"
+    return f"normalized score {report['normalized_score']:.3f}, win rate {report['win_rate']:.3f}, invalid rate {report['invalid_rate']:.3f}"
+
+
+def evaluation_table(evals: dict) -> list[str]:
+    """Markdown table lines for a model card: one row per named evaluation report (None: not evaluated, left out)."""
+    lines = [
+        "| agent | normalized score | win rate | invalid rate | mean steps | episodes |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, report in evals.items():
+        if report:
+            lines.append(
+                f"| {name} | {report['normalized_score']:.3f} | {report['win_rate']:.3f} | {report['invalid_rate']:.3f} "
+                f"| {report['mean_steps']:.1f} | {report['episodes']} |"
+            )
+    return lines
+
+
+def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, card: str, arguments: dict) -> None:
+    """Policy (save_pretrained) and, for a PolicyWithValue, its value head file; tokenizer, args and model card into
+    folder (main process only)."""
+    unwrapped = accelerator.unwrap_model(model)
+    if isinstance(unwrapped, PolicyWithValue):
+        policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
+        head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+        save_model(unwrapped.policy, tokenizer, folder, state_dict=policy_state)
+        save_value_head(unwrapped.value_head, folder, head_state)
+    else:
+        save_model(unwrapped, tokenizer, folder, state_dict=state_dict)
+    (folder / ARGS_FILE).write_text(json.dumps(arguments, indent=2))
+    (folder / "README.md").write_text(card)
+
+
+def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict,
+                    card: str, arguments: dict, keep: int) -> Path:
+    """checkpoints/checkpoint-STEP written under a temporary name and renamed, so a crash leaves no half checkpoint;
+    only the `keep` newest stay (0: all)."""
+    folder = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
+    temporary = folder.parent / f".tmp-{folder.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards: every process must call it
+    accelerator.save_state(str(temporary / TRAINING_STATE_DIR))
+    if accelerator.is_main_process:
+        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
+        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temporary, folder)
+        if keep:
+            older = sorted(
+                (int(p.name.split("-")[-1]), p) for p in folder.parent.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            )
+            for _, path in older[:-keep]:
+                shutil.rmtree(path)
+    accelerator.wait_for_everyone()
+    return folder
+
+
+def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str, arguments: dict) -> None:
+    """The final policy at output_dir's root, each file moved into place only once all are written."""
+    state_dict = accelerator.get_state_dict(model)
+    if accelerator.is_main_process:
+        temporary = output_dir / ".tmp-final"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
+        for path in temporary.iterdir():
+            os.replace(path, output_dir / path.name)
+        temporary.rmdir()
+    accelerator.wait_for_everyone()
+
+
+def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
+    """The final model (output_dir without checkpoints, rollouts and logs) to the model repo `repo_id`, and `dataset`
+    to the dataset repo of the same name (main process only)."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(
+        repo_id=repo_id, folder_path=str(output_dir),
+        ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*"],
+    )
+    dataset.push_to_hub(repo_id)
