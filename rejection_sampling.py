@@ -46,8 +46,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lib.agents import ModelAgent, RandomAgent
@@ -63,7 +62,7 @@ from lib.arguments import (
     reward_config,
 )
 from lib.evaluation import merge_reports
-from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
+from lib.games import GameError, check_game_source, default_cache_dir
 from lib.losses import KL_DIRECTIONS, exact_kl, masked_sum, sft_loss
 from lib.models import CHECKPOINTS_DIR, DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer
 from lib.prompts import answer_text
@@ -73,6 +72,8 @@ from lib.training import (
     LOG_DIR,
     TRAINER_STATE_FILE,
     TRAINING_STATE_DIR,
+    build_accelerator,
+    build_optimizer,
     check_output_dir,
     describe,
     eval_metrics,
@@ -81,6 +82,7 @@ from lib.training import (
     gathered_for_evaluation,
     prepare_reference,
     push_to_hub,
+    resolve_game_sets,
     run_evaluation,
     save_checkpoint,
     save_final_model,
@@ -280,18 +282,7 @@ def main(argv: list[str]) -> None:
     ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
     freeze_lower_layers(model, finetune.trainable_layers_fraction)
 
-    # Launched processes (LOCAL_RANK set) on a CPU-only machine talk over gloo: accelerate would pick a backend
-    # that fails there. A plain `python` run must get no backend at all, or accelerate expects a process group.
-    launched_on_cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
-    handlers = [InitProcessGroupKwargs(backend="gloo")] if launched_on_cpu else []
-    accelerator = Accelerator(
-        gradient_accumulation_steps=finetune.gradient_accumulation_steps,
-        log_with=None if run.report_to == "none" else run.report_to,
-        project_dir=run.output_dir,
-        kwargs_handlers=handlers,
-    )
-    # The launcher may export its own accumulation setting; the flag is the single source of truth.
-    accelerator.gradient_accumulation_steps = finetune.gradient_accumulation_steps
+    accelerator = build_accelerator(finetune.gradient_accumulation_steps, run.report_to, run.output_dir)
     world_size, rank = accelerator.num_processes, accelerator.process_index
     output_dir = Path(run.output_dir)
     arguments = {k: v for group in (run, selection, finetune, rollout_args) for k, v in asdict(group).items()}
@@ -301,43 +292,29 @@ def main(argv: list[str]) -> None:
     datasets.disable_progress_bars()  # one bar per round is enough
 
     games_dir = Path(run.games_dir) if run.games_dir else default_cache_dir()
-    with accelerator.main_process_first():
-        try:
-            train_games = resolve_games(run.train_games, "train", games_dir, progress=run.progress and accelerator.is_main_process)
-            eval_games = []
-            if run.eval_episodes:
-                eval_games = resolve_games(run.eval_games, "eval", games_dir, progress=run.progress and accelerator.is_main_process)
-        except GameError as error:
-            sys.exit(f"error: {error}")
-    if len(train_games) < world_size:
-        sys.exit(f"error: --train_games has {len(train_games)} games for {world_size} processes; every process needs one")
+    try:
+        train_games, eval_games = resolve_game_sets(
+            accelerator, run.train_games, run.eval_games, games_dir, run.eval_episodes > 0, run.progress
+        )
+    except (GameError, ValueError) as error:
+        sys.exit(f"error: {error}")
     if run.overwrite_output_dir and accelerator.is_main_process:
         for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     accelerator.wait_for_everyone()
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    plugin = accelerator.state.deepspeed_plugin
-    if plugin is not None and plugin.offload_optimizer_device in ("cpu", "nvme"):
-        # ZeRO-Offload refuses a torch optimizer: its own CPU Adam runs the step where the states live.
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        optimizer = DeepSpeedCPUAdam(trainable, lr=finetune.learning_rate, adamw_mode=True)
-    else:
-        optimizer = torch.optim.AdamW(trainable, lr=finetune.learning_rate)
-
     per_process_batch = finetune.train_batch_size // world_size
     micro_batch_size = per_process_batch // finetune.gradient_accumulation_steps
-    if plugin is not None:
-        # DeepSpeed sizes its batch from a DataLoader we do not have, and clips gradients itself.
-        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch_size
-        plugin.deepspeed_config["gradient_accumulation_steps"] = finetune.gradient_accumulation_steps
-        plugin.deepspeed_config["train_batch_size"] = finetune.train_batch_size
-        plugin.deepspeed_config["gradient_clipping"] = finetune.max_grad_norm
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        accelerator, trainable, finetune.learning_rate, micro_batch_size, finetune.gradient_accumulation_steps,
+        finetune.max_grad_norm,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
     model.eval()  # dropout (if the LM has any) only while fine-tuning
     if ref_model is not None:
         ref_model = prepare_reference(ref_model, accelerator)
+    plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
 
     trainer_state = {"round": 0, "env_steps": 0, "episodes": 0, "evals": {}}

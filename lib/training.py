@@ -15,9 +15,12 @@ import os
 import shutil
 from pathlib import Path
 
-from accelerate.utils import gather_object
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, gather_object
 
 from lib.evaluation import evaluate, merge_reports
+from lib.games import resolve_games
 from lib.models import CHECKPOINTS_DIR, newest_checkpoint, save_model
 from lib.prompts import PromptConfig
 from lib.rollout import ROLLOUTS_DIR
@@ -27,6 +30,57 @@ TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 LOG_DIR = "runs"
+
+
+def build_accelerator(gradient_accumulation_steps: int, report_to: str, output_dir: str) -> Accelerator:
+    """The Accelerator of a training script, launched or not, on CPUs or GPUs."""
+    # Launched processes (LOCAL_RANK set) on a CPU-only machine talk over gloo: accelerate would pick a backend
+    # that fails there. A plain `python` run must get no backend at all, or accelerate expects a process group.
+    launched_on_cpu = "LOCAL_RANK" in os.environ and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        log_with=None if report_to == "none" else report_to,
+        project_dir=output_dir,
+        kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")] if launched_on_cpu else [],
+    )
+    # The launcher may export its own accumulation setting; the flag is the single source of truth.
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps
+    return accelerator
+
+
+def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir: Path, evaluate_too: bool,
+                      progress: bool) -> tuple[list[str], list[str]]:
+    """Train and eval game files; the main process generates missing games first, the others then find them cached.
+    Raises lib.games.GameError for a bad source, ValueError when a process would get no training game."""
+    progress = progress and accelerator.is_main_process
+    with accelerator.main_process_first():
+        train = resolve_games(train_games, "train", games_dir, progress=progress)
+        held_out = resolve_games(eval_games, "eval", games_dir, progress=progress) if evaluate_too else []
+    if len(train) < accelerator.num_processes:
+        raise ValueError(
+            f"--train_games has {len(train)} games for {accelerator.num_processes} processes; every process needs one"
+        )
+    return train, held_out
+
+
+def build_optimizer(accelerator, parameters: list, learning_rate: float, micro_batch_size: int,
+                    gradient_accumulation_steps: int, max_grad_norm: float) -> torch.optim.Optimizer:
+    """AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload (which refuses a torch optimizer: the step runs where the
+    states live). Under DeepSpeed also sets the batch sizes it would read from a DataLoader we do not have, and its
+    gradient clipping (DeepSpeed clips by itself)."""
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return torch.optim.AdamW(parameters, lr=learning_rate)
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch_size * gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = max_grad_norm
+    if plugin.offload_optimizer_device in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(parameters, lr=learning_rate, adamw_mode=True)
+    return torch.optim.AdamW(parameters, lr=learning_rate)
 
 
 def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, step_key: str, last_step: int,
