@@ -103,7 +103,7 @@ SHUFFLE_SEED_STRIDE = 1_000_003
 class RunArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
     output_dir: str = field(default="outputs/rejection_sampling", metadata={"help": "Where the final model, checkpoints, played turns and logs go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints and played turns of an earlier run in output_dir first."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, played turns and logs of an earlier run in output_dir first."})
     train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
     eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
@@ -299,7 +299,7 @@ def main(argv: list[str]) -> None:
     except (GameError, ValueError) as error:
         sys.exit(f"error: {error}")
     if run.overwrite_output_dir and accelerator.is_main_process:
-        for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR):
+        for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR, LOG_DIR):
             shutil.rmtree(output_dir / name, ignore_errors=True)
     accelerator.wait_for_everyone()
 
