@@ -4,12 +4,17 @@
     python play.py --agent walkthrough --output_dir outputs/walkthrough
     python play.py --agent human --games tiny
     python play.py --agent model --model_name_or_path outputs/ppo --output_dir outputs/eval
+    python play.py --agent model --action_mode score # choose among the admissible commands (lib/scoring.py)
     python play.py my_eval.yaml                      # the same flags, read from a YAML file
 
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
 --output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
 `datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
 `huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded.
+
+`--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
+sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
+from the softmax over the scores at --temperature. Its transcripts add each turn's `candidates` and `chosen_index`.
 """
 
 import json
@@ -24,12 +29,13 @@ from datasets import Dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
-from lib.agents import HumanAgent, ModelAgent, RandomAgent, WalkthroughAgent
+from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
 from lib.prompts import PROMPT_FORMATS, PromptConfig
+from lib.scoring import ACTION_MODES, ScoringConfig
 
 AGENTS = ("random", "walkthrough", "human", "model")
 SPLITS = ("train", "eval")
@@ -69,7 +75,21 @@ class Args:
         default="auto", metadata={"help": "model device: auto (cuda when available, else cpu), cpu, cuda, cuda:N"}
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the Hub repo to run"})
-    do_sample: bool = field(default=False, metadata={"help": "sample commands instead of greedy decoding"})
+    action_mode: str = field(
+        default="generate",
+        metadata={"help": "model agent: generate (write a command) or score (choose among the admissible commands)"},
+    )
+    max_candidates: int = field(
+        default=ScoringConfig.max_candidates,
+        metadata={"help": "score mode: admissible commands scored per turn at most (examine/look/inventory go first)"},
+    )
+    length_normalize: bool = field(
+        default=ScoringConfig.length_normalize,
+        metadata={"help": "score mode: a command's score is the mean of its tokens' log-probs instead of the sum"},
+    )
+    do_sample: bool = field(
+        default=False, metadata={"help": "sample commands (score mode: from the candidates' softmax) instead of greedy"}
+    )
     temperature: float = field(default=GenerationConfig.temperature, metadata={"help": "sampling temperature"})
     top_k: int = field(default=GenerationConfig.top_k, metadata={"help": "sample from the k likeliest tokens (0: all)"})
     top_p: float = field(default=GenerationConfig.top_p, metadata={"help": "nucleus sampling mass (1: off)"})
@@ -113,10 +133,18 @@ def generation_config(args: Args) -> GenerationConfig:
     return GenerationConfig(args.max_new_tokens, args.do_sample, args.temperature, args.top_k, args.top_p)
 
 
+def scoring_config(args: Args) -> ScoringConfig:
+    return ScoringConfig(args.max_candidates, args.length_normalize, args.do_sample, args.temperature)
+
+
 def check_args(args: Args) -> None:
     """Every flag checked without loading a model or generating a game; raises ValueError naming the flag."""
     if args.agent not in AGENTS:
         raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
+    if args.action_mode not in ACTION_MODES:
+        raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
+    if args.action_mode == "score" and args.agent != "model":
+        raise ValueError(f"--action_mode score is for the model agent, not --agent {args.agent}")
     if args.split not in SPLITS:
         raise ValueError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
     for flag in ("num_envs", "max_episode_steps", "max_new_tokens", "num_episodes"):
@@ -141,8 +169,9 @@ def check_args(args: Args) -> None:
     try:
         prompt_config(args)
         generation_config(args)
+        scoring_config(args)
     except ValueError as error:
-        raise ValueError(f"prompt/generation flags: {error}") from None
+        raise ValueError(f"prompt/generation/scoring flags: {error}") from None
     if args.agent == "model":
         if args.dtype not in DTYPES:
             raise ValueError(f"--dtype {args.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
@@ -169,6 +198,8 @@ def make_agent(args: Args):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
+    if args.action_mode == "score":
+        return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args)), tokenizer
     return ModelAgent(model, tokenizer, generation_config(args)), tokenizer
 
 

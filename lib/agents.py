@@ -3,14 +3,18 @@
 Every agent has `name`, `needs_prompts` (whether `act` reads the built prompts), `max_envs` (None: any batch size)
 and `act(states, prompts) -> commands`, one entry per slot of the BatchEnv; idle slots (state None) get None.
 `observe(results)` sees every step's results (the human agent shows how an episode ended), `responses(commands)`
-gives the raw text behind the latest commands, for transcripts.
+gives the raw text behind the latest commands and `transcript_columns(slot)` any extra columns of a slot's latest
+turn, for transcripts.
 """
 
 import random
 
+import torch
+
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import clean_inventory, clean_observation
+from lib.prompts import PromptConfig, clean_inventory, clean_observation
+from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
 
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
@@ -36,6 +40,10 @@ class Agent:
     def responses(self, commands: list[str | None]) -> list[str | None]:
         """The raw text behind each of the latest commands (a model's output before parsing); else the commands."""
         return commands
+
+    def transcript_columns(self, slot: int) -> dict:
+        """Extra transcript columns for the latest turn of `slot`; every turn of one agent has the same keys."""
+        return {}
 
 
 class RandomAgent(Agent):
@@ -148,3 +156,42 @@ class ModelAgent(Agent):
 
     def responses(self, commands):
         return list(self.texts)
+
+
+class ScoringAgent(Agent):
+    """A causal LM choosing among the admissible commands: each candidate scored by lib.scoring (the active slots'
+    prompts and all their candidates in two forwards), then the best one, or one sampled from the softmax over the
+    scores with `do_sample`. Transcripts add each turn's `candidates` and `chosen_index`."""
+
+    name = "model-score"
+    needs_prompts = True
+
+    def __init__(self, model, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.prompt_config = prompt_config  # the answer's end-of-reply token depends on the prompt format
+        self.scoring_config = scoring_config
+        self.candidates: list[list[str] | None] = []  # per slot, the latest scored commands (None: idle)
+        self.chosen: list[int | None] = []  # per slot, the index of the latest command among them
+
+    def act(self, states, prompts):
+        config = self.scoring_config
+        active = [slot for slot, prompt in enumerate(prompts) if prompt is not None and states[slot] is not None]
+        self.candidates, self.chosen = [None] * len(states), [None] * len(states)
+        if not active:
+            return [None] * len(states)
+        for slot in active:
+            # A state without admissible commands still gets a turn: the harmless fallback as its one candidate.
+            commands = select_candidates(states[slot].admissible_commands, config.max_candidates)
+            self.candidates[slot] = commands or [FALLBACK_COMMAND]
+        prompt_ids = [self.tokenizer(prompts[slot], add_special_tokens=False)["input_ids"] for slot in active]
+        candidate_ids = encode_candidates([self.candidates[slot] for slot in active], self.prompt_config, self.tokenizer)
+        with torch.no_grad():
+            scores = candidate_logprobs(self.model, prompt_ids, candidate_ids, self.tokenizer.pad_token_id,
+                                        config.length_normalize)
+        for slot, slot_scores in zip(active, scores):
+            self.chosen[slot] = choose_candidate(slot_scores, config.do_sample, config.temperature)
+        return [None if index is None else self.candidates[slot][index] for slot, index in enumerate(self.chosen)]
+
+    def transcript_columns(self, slot):
+        return {"candidates": self.candidates[slot], "chosen_index": self.chosen[slot]}

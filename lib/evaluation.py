@@ -11,7 +11,8 @@ metrics. Metrics of a game (or a rank) without episodes are None.
 
 Transcripts: one dict per turn with game, episode (global number), step (0-based, within the episode), prompt (the
 prompt text; the cleaned observation for agents that read no prompts), response (the agent's raw text), command,
-observation (the game's raw answer), reward, score, max_score, done, won, invalid.
+observation (the game's raw answer), reward, score, max_score, done, won, invalid, then the agent's own columns
+(`Agent.transcript_columns`: the scoring agent's candidates and chosen_index).
 """
 
 from collections.abc import Callable
@@ -207,6 +208,7 @@ def evaluate(
                     "done": result.done,
                     "won": after.won,
                     "invalid": result.invalid,
+                    **agent.transcript_columns(slot),
                 })
                 if result.done:
                     episodes.append(episode_record(

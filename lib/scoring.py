@@ -1,0 +1,169 @@
+"""Admissible-command scoring: a policy over the commands the game accepts instead of free text (as in GLAM, TWOSOME).
+
+A candidate command's score is log pi(answer | prompt), the log-probability of the tokens the policy would write to
+give it (`lib.prompts.answer_text`: the command, then the end-of-reply token), summed over those tokens, or their
+mean with `length_normalize` (so that long commands are not penalised for their length alone). The policy's
+distribution over a state's candidates is softmax(scores / temperature).
+
+Efficient scoring, two forwards for a whole batch of states whatever the number of candidates:
+  1. the prompts, LEFT-padded to a common width P with positions counting real tokens only (as `generate` does), in
+     one forward that keeps its KV cache (a transformers DynamicCache) and the logits at the last column, which
+     with left padding is every prompt's last token: they give each candidate's first token;
+  2. the cache rows repeated per candidate (index_select on the batch dimension: candidate c reads the keys and
+     values of its state's prompt), then every candidate of every state, right-padded to T tokens, in one forward
+     on top of that cache: positions continue from the prompt's length, the attention mask is the prompt's mask
+     followed by the candidate's, and the logits at candidate tokens 0..T-2 give tokens 1..T-1.
+The prompt is encoded once per state, never per candidate; `candidate_logprobs_naive` encodes prompt + candidate
+from scratch for every candidate, the reference the tests and bench/bench_scoring.py compare against.
+
+Candidate cap (`max_candidates`): over the cap, the commands that only look around (examine, look, inventory, the
+ones the prompt's hint also leaves out) go first, from the end of the list; then, still over, the list is cut to its
+first `max_candidates`. The kept commands stay in the game's order.
+"""
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from lib.losses import logprobs_from_logits, masked_sum
+from lib.prompts import EXAMINE_VERBS, PromptConfig, answer_text
+
+ACTION_MODES = ("generate", "score")
+
+
+@dataclass
+class ScoringConfig:
+    """How a command is chosen in score mode: the candidate cap, sum or mean of token log-probs, greedy or sampled."""
+
+    max_candidates: int = 32
+    length_normalize: bool = False
+    do_sample: bool = False  # greedy: the best-scoring candidate
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.max_candidates < 1:
+            raise ValueError("max_candidates must be at least 1")
+        if self.do_sample and self.temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling (use greedy choice for temperature 0)")
+
+
+def select_candidates(commands: list[str], max_candidates: int) -> list[str]:
+    """The commands to score, at most `max_candidates`, in their original order (rule: the module docstring)."""
+    if len(commands) <= max_candidates:
+        return list(commands)
+    looking = [i for i, c in enumerate(commands) if c.split(" ")[0] in EXAMINE_VERBS]
+    acting = [i for i, c in enumerate(commands) if c.split(" ")[0] not in EXAMINE_VERBS]
+    kept = set(acting[:max_candidates] + looking[: max(0, max_candidates - len(acting))])
+    return [c for i, c in enumerate(commands) if i in kept]
+
+
+def encode_candidates(candidates: list[list[str]], prompt_config: PromptConfig, tokenizer) -> list[list[list[int]]]:
+    """Per state, per candidate: the token ids of its answer (the command and the end-of-reply token)."""
+    return [
+        [tokenizer(answer_text(c, prompt_config, tokenizer), add_special_tokens=False)["input_ids"] for c in commands]
+        for commands in candidates
+    ]
+
+
+def _pad(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids, mask = [], []
+    for row in rows:
+        padding = width - len(row)
+        ids.append([pad_id] * padding + row if left else row + [pad_id] * padding)
+        mask.append([0] * padding + [1] * len(row) if left else [1] * len(row) + [0] * padding)
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+def _flatten(prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, device) -> dict:
+    """All candidates as rows: state (C,) the state each belongs to; prompts (S, P) left-padded; candidates (C, T)
+    right-padded."""
+    if len(prompt_ids) != len(candidate_ids) or any(not rows for rows in candidate_ids):
+        raise ValueError("every prompt needs at least one candidate")
+    prompts, prompt_mask = _pad(prompt_ids, pad_id, left=True)
+    candidates, candidate_mask = _pad([ids for rows in candidate_ids for ids in rows], pad_id, left=False)
+    state = torch.tensor([s for s, rows in enumerate(candidate_ids) for _ in rows])
+    return {
+        "state": state.to(device),
+        "prompts": prompts.to(device),
+        "prompt_mask": prompt_mask.to(device),
+        "candidates": candidates.to(device),
+        "candidate_mask": candidate_mask.to(device),
+        "counts": [len(rows) for rows in candidate_ids],
+    }
+
+
+def _scores(logits: torch.Tensor, batch: dict, length_normalize: bool) -> list[torch.Tensor]:
+    """Logits predicting each candidate token (C, T, V) -> per state, its candidates' scores (K_s,)."""
+    mask = batch["candidate_mask"]
+    scores = masked_sum(logprobs_from_logits(logits.float(), batch["candidates"]), mask, dim=-1)
+    if length_normalize:
+        scores = scores / mask.sum(-1)
+    return list(scores.split(batch["counts"]))
+
+
+def _cache_argument(model) -> str:
+    """The forward's name for the KV cache: transformers 5 renamed `past_key_values` to `cache` (the old name warns,
+    and goes in 5.40), and the project allows any 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def candidate_logprobs(
+    model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False
+) -> list[torch.Tensor]:
+    """Per state, the scores of its candidates (K_s,), with the prompt's KV cache shared by its candidates.
+
+    Two forwards (see the module docstring), whatever the number of states and candidates. Differentiable: call it
+    under torch.no_grad() when only acting.
+    """
+    batch = _flatten(prompt_ids, candidate_ids, pad_id, next(model.parameters()).device)
+    prompt_mask, candidate_mask = batch["prompt_mask"], batch["candidate_mask"]
+    cache = DynamicCache(config=model.config)
+    cache_argument = {_cache_argument(model): cache}
+    prompt_logits = model(
+        input_ids=batch["prompts"], attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+        use_cache=True, logits_to_keep=1, **cache_argument,
+    ).logits[:, -1]
+    cache.reorder_cache(batch["state"])  # index_select on the batch dimension: one copy of the prompt per candidate
+    width = candidate_mask.shape[1]
+    positions = prompt_mask.sum(-1)[batch["state"], None] + torch.arange(width, device=candidate_mask.device)
+    candidate_logits = model(
+        input_ids=batch["candidates"], attention_mask=torch.cat([prompt_mask[batch["state"]], candidate_mask], dim=1),
+        position_ids=positions, use_cache=True, **cache_argument,
+        # The last token's logits would predict past the candidate.
+        logits_to_keep=torch.arange(width - 1, device=candidate_mask.device),
+    ).logits
+    logits = torch.cat([prompt_logits[batch["state"], None], candidate_logits], dim=1)
+    return _scores(logits, batch, length_normalize)
+
+
+def candidate_logprobs_naive(
+    model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False
+) -> list[torch.Tensor]:
+    """The same scores as `candidate_logprobs`, from one forward over prompt + candidate for every candidate."""
+    batch = _flatten(prompt_ids, candidate_ids, pad_id, next(model.parameters()).device)
+    width_prompt, width = batch["prompts"].shape[1], batch["candidates"].shape[1]
+    mask = torch.cat([batch["prompt_mask"][batch["state"]], batch["candidate_mask"]], dim=1)
+    logits = model(
+        input_ids=torch.cat([batch["prompts"][batch["state"]], batch["candidates"]], dim=1), attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=False,
+        logits_to_keep=torch.arange(width_prompt - 1, width_prompt - 1 + width, device=mask.device),
+    ).logits
+    return _scores(logits, batch, length_normalize)
+
+
+def policy_logprobs(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(scores / temperature): the policy's log-probabilities over one state's candidates."""
+    return torch.log_softmax(scores.float() / temperature, dim=-1)
+
+
+def choose_candidate(
+    scores: torch.Tensor, do_sample: bool, temperature: float = 1.0, generator: torch.Generator | None = None
+) -> int:
+    """The index of the chosen candidate: the best score, or a sample from softmax(scores / temperature)."""
+    if not do_sample:
+        return int(scores.argmax())
+    probabilities = policy_logprobs(scores, temperature).exp()
+    return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))

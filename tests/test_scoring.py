@@ -1,0 +1,197 @@
+import json
+import math
+
+import pytest
+import torch
+from datasets import load_from_disk
+
+import play
+from lib.agents import ScoringAgent
+from lib.env import GameState
+from lib.models import load_model, load_tokenizer
+from lib.prompts import PromptConfig, build_prompt
+from lib.scoring import (
+    ScoringConfig,
+    candidate_logprobs,
+    candidate_logprobs_naive,
+    choose_candidate,
+    encode_candidates,
+    policy_logprobs,
+    select_candidates,
+)
+
+TRANSCRIPT_COLUMNS = {"game", "episode", "step", "prompt", "response", "command", "observation", "reward", "score",
+                      "max_score", "done", "won", "invalid", "candidates", "chosen_index"}
+CANDIDATES = [
+    ["take coin", "go north", "examine the large wooden chest of drawers"],
+    ["look"],
+    ["open door", "inventory", "put the red apple on the kitchen table", "go west"],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_path):
+    return load_model(tiny_model_path), load_tokenizer(tiny_model_path)
+
+
+def prompts_of_different_lengths(tokenizer, config: PromptConfig) -> list[str]:
+    observations = ["You are in a cellar.", "You are in a kitchen. " * 6, "A small attic with a window to the east."]
+    return [build_prompt("Find the coin.", observation, "", commands, [], config, tokenizer)
+            for observation, commands in zip(observations, CANDIDATES)]
+
+
+def one_by_one(model, prompt_ids, candidate_ids, length_normalize):
+    """Each candidate alone after its prompt: one unpadded sequence per forward, no batching, no cache."""
+    scores = []
+    for prompt, candidates in zip(prompt_ids, candidate_ids):
+        row = []
+        for candidate in candidates:
+            logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0, len(prompt) - 1 : -1]
+            total = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(candidate)[:, None]).sum()
+            row.append(total / len(candidate) if length_normalize else total)
+        scores.append(torch.stack(row))
+    return scores
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "plain"])
+@pytest.mark.parametrize("length_normalize", [False, True])
+def test_cached_scoring_equals_naive_and_unbatched(tiny, prompt_format, length_normalize):
+    model, tokenizer = tiny
+    config = PromptConfig(format=prompt_format)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in prompts_of_different_lengths(tokenizer, config)]
+    candidate_ids = encode_candidates(CANDIDATES, config, tokenizer)
+    assert len({len(ids) for ids in prompt_ids}) == 3  # left padding differs per prompt
+    assert len({len(ids) for rows in candidate_ids for ids in rows}) >= 4  # and right padding per candidate
+    with torch.no_grad():
+        cached = candidate_logprobs(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, length_normalize)
+        naive = candidate_logprobs_naive(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, length_normalize)
+        reference = one_by_one(model, prompt_ids, candidate_ids, length_normalize)
+    assert [len(s) for s in cached] == [len(c) for c in CANDIDATES]
+    for c, n, r in zip(cached, naive, reference):
+        torch.testing.assert_close(c, r, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(n, r, atol=1e-4, rtol=1e-5)
+    assert all(torch.isfinite(s).all() and (s < 0).all() for s in cached)
+
+
+def test_cached_scoring_gradients_equal_naive(tiny):
+    """Training can score with gradients: the cache carries them back to the prompt's forward."""
+    model, tokenizer = tiny
+    prompt_ids = [[1, 20, 30, 40, 50], [60, 70]]
+    candidate_ids = [[[5, 6, 2], [7, 2]], [[8, 9, 10, 2]]]
+    gradients = []
+    for score in (candidate_logprobs, candidate_logprobs_naive):
+        model.zero_grad()
+        torch.cat(score(model, prompt_ids, candidate_ids, tokenizer.pad_token_id)).sum().backward()
+        gradients.append(model.get_input_embeddings().weight.grad.clone())
+    model.zero_grad()
+    torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+    assert gradients[0][20].abs().sum() > 0  # a prompt token's embedding gets gradient through the cache
+
+
+def test_encode_candidates_ends_each_answer_like_the_prompt_format(tiny):
+    _, tokenizer = tiny
+    chat = encode_candidates([["take coin"]], PromptConfig(format="chat"), tokenizer)[0][0]
+    plain = encode_candidates([["take coin"]], PromptConfig(format="plain"), tokenizer)[0][0]
+    assert chat[-1] == tokenizer.eos_token_id and tokenizer.decode(chat[:-1]) == "take coin"
+    assert tokenizer.decode(plain) == "take coin\n"
+
+
+def test_scoring_needs_a_candidate_per_prompt(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="at least one candidate"):
+        candidate_logprobs(model, [[1, 2], [3]], [[[4]], []], tokenizer.pad_token_id)
+
+
+def test_candidate_cap_drops_examine_commands_first_then_truncates():
+    commands = ["close chest", "examine chest", "go east", "inventory", "look", "open chest", "take coin"]
+    assert select_candidates(commands, 7) == commands
+    # Over the cap: examine/look/inventory leave from the end of the list first; the order is kept.
+    assert select_candidates(commands, 6) == ["close chest", "examine chest", "go east", "inventory", "open chest",
+                                              "take coin"]
+    assert select_candidates(commands, 5) == ["close chest", "examine chest", "go east", "open chest", "take coin"]
+    assert select_candidates(commands, 4) == ["close chest", "go east", "open chest", "take coin"]
+    # Still over without any examine command: the first ones are kept.
+    assert select_candidates(commands, 2) == ["close chest", "go east"]
+
+
+def test_choose_candidate_greedy_and_sampled():
+    scores = torch.tensor([-3.0, -1.0, -2.0, -1.5])
+    assert choose_candidate(scores, do_sample=False) == 1
+    generator = torch.Generator().manual_seed(0)
+    # Temperature towards 0: the softmax puts all mass on the best candidate, sampling equals argmax.
+    assert {choose_candidate(scores, True, 1e-4, generator) for _ in range(200)} == {1}
+    draws = 4000
+    for temperature in (1.0, 3.0):
+        counts = torch.bincount(torch.tensor([choose_candidate(scores, True, temperature, generator)
+                                              for _ in range(draws)]), minlength=4)
+        expected = torch.softmax(scores / temperature, -1)
+        assert (counts / draws - expected).abs().max() < 0.03
+    assert math.isclose(float(policy_logprobs(scores, 2.0).exp().sum()), 1.0, rel_tol=1e-6)
+    torch.testing.assert_close(policy_logprobs(scores, 2.0), torch.log_softmax(scores / 2, -1))
+
+
+def test_scoring_config_checks():
+    with pytest.raises(ValueError, match="max_candidates"):
+        ScoringConfig(max_candidates=0)
+    with pytest.raises(ValueError, match="temperature"):
+        ScoringConfig(do_sample=True, temperature=0)
+    ScoringConfig(do_sample=False, temperature=0)  # greedy ignores the temperature
+
+
+def game_state(admissible: list[str]) -> GameState:
+    return GameState(game="g.z8", episode=0, observation="A cellar.", score=0, max_score=1, moves=0, won=False,
+                     lost=False, admissible_commands=admissible, objective="Get the coin.",
+                     inventory="You are carrying nothing.", walkthrough=None)
+
+
+def test_scoring_agent_skips_idle_slots_and_falls_back(tiny):
+    model, tokenizer = tiny
+    config = PromptConfig()
+    agent = ScoringAgent(model, tokenizer, config, ScoringConfig(max_candidates=2))
+    states = [None, game_state(["examine coin", "go west", "take coin"]), game_state([])]
+    prompts = [None] + [build_prompt(s.objective, s.observation, s.inventory, s.admissible_commands, [], config,
+                                     tokenizer) for s in states[1:]]
+    commands = agent.act(states, prompts)
+    assert commands[0] is None and agent.transcript_columns(0) == {"candidates": None, "chosen_index": None}
+    assert agent.candidates[1] == ["go west", "take coin"] and commands[1] in agent.candidates[1]
+    assert agent.candidates[1][agent.chosen[1]] == commands[1]
+    assert commands[2] == "look" and agent.transcript_columns(2) == {"candidates": ["look"], "chosen_index": 0}
+    assert agent.act([None], [None]) == [None]
+
+
+def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsys):
+    out = tmp_path / "score"
+    code = play.main(["--agent", "model", "--action_mode", "score", "--model_name_or_path", tiny_model_path,
+                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_steps", "3",
+                      "--max_candidates", "3", "--do_sample", "--temperature", "2", "--output_dir", str(out)])
+    assert code == 0
+    assert "all (model-score)" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["agent"] == "model-score" and report["episodes"] == 3
+    assert report["args"]["action_mode"] == "score" and report["invalid_rate"] == 0.0
+    transcripts = load_from_disk(str(out / "transcripts"))
+    assert set(transcripts.column_names) == TRANSCRIPT_COLUMNS
+    assert len(transcripts) == round(report["mean_steps"] * 3)
+    for turn in transcripts:
+        assert 1 <= len(turn["candidates"]) <= 3
+        assert turn["command"] == turn["response"] == turn["candidates"][turn["chosen_index"]]
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["--action_mode", "beam"], "--action_mode"),
+        (["--agent", "random", "--action_mode", "score"], "--action_mode"),
+        (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
+        (["--action_mode", "score", "--do_sample", "--temperature", "0"], "temperature"),
+    ],
+)
+def test_play_score_mode_bad_flags(args, flag, tiny_games, monkeypatch, capsys):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded a model or games despite bad flags")
+
+    monkeypatch.setattr(play, "load_model", forbidden)
+    monkeypatch.setattr(play, "resolve_games", forbidden)
+    assert play.main(args + ["--games", ",".join(tiny_games)]) == 2
+    assert flag in capsys.readouterr().err
