@@ -27,6 +27,16 @@ One iteration:
 Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is
 ignored), so the behaviour policy is the one that sampled.
 
+--action_mode score: PPO at turn level over the admissible commands (lib/scoring.py). The policy of a turn is
+softmax(scores / temperature) over the state's candidates (at most --max_candidates; a score is the sum, or with
+--length_normalize the mean, of the command's token log-probs); the rollout (lib.rollout.ScoringRolloutCollector)
+caches the behaviour and reference log-probs over the candidates and the value at the prompt's last token, from the
+same forward. Each turn then counts as a one-token response: the KL penalty (k1/k2/k3 on the chosen command) joins
+the turn's reward, advantages are turn-level GAE over each slot's turns (lib.losses.turn_gae: gamma_turn, lam;
+gamma_token unused), and the loss (lib.losses.candidate_ppo_loss) clips the ratio of the chosen command's
+probability, with entropy and exact KL (kl_loss_coef) over the candidates; every micro-batch rescores its turns'
+candidates with gradient. Evaluation chooses the best-scoring candidate (lib.agents.ScoringAgent).
+
 Outputs (output_dir): the final policy (save_pretrained) + value_head.safetensors + tokenizer + README.md, ready
 for `play.py --agent model --model_name_or_path outputs/ppo`; checkpoints/checkpoint-N (same, plus
 training_state/ for resuming and trainer_state.json); rollouts/iteration-NNNNN datasets (lib.rollout.load_rollouts);
@@ -47,7 +57,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from lib.agents import ModelAgent, RandomAgent
+from lib.agents import ModelAgent, RandomAgent, ScoringAgent
 from lib.arguments import (
     TRACKERS,
     RolloutArguments,
@@ -58,6 +68,7 @@ from lib.arguments import (
     parse_arguments,
     prompt_config,
     reward_config,
+    scoring_config,
 )
 from lib.env import BatchEnv
 from lib.games import GameError, check_game_source, default_cache_dir
@@ -66,6 +77,7 @@ from lib.losses import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    candidate_ppo_loss,
     explained_variance,
     gae_advantages,
     kl_estimate,
@@ -85,7 +97,18 @@ from lib.models import (
     load_model,
     load_tokenizer,
 )
-from lib.rollout import RolloutCollector, collate, load_rollouts, pack_sequences, rollout_rows, save_rollouts
+from lib.rollout import (
+    RolloutCollector,
+    ScoringRolloutCollector,
+    collate,
+    collate_candidates,
+    load_rollouts,
+    pack_sequences,
+    rollout_rows,
+    save_rollouts,
+    score_candidates,
+    turn_advantages,
+)
 from lib.training import (
     LOG_DIR,
     TRAINER_STATE_FILE,
@@ -236,16 +259,17 @@ def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments,
             raise ValueError(f"{flag}: {error}") from None
 
 
-def model_card(run: RunArguments, iteration: int, evals: dict) -> str:
+def model_card(run: RunArguments, iteration: int, evals: dict, action_mode: str) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [textworld, ppo, reinforcement-learning]", "---", "",
         f"# PPO on TextWorld ({iteration} iterations)", "",
         f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` on games `{run.train_games}`.",
         "A value head for further PPO training is in `value_head.safetensors`.", "",
-        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy decoding):", "",
+        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy {'choice among the admissible commands' if action_mode == 'score' else 'decoding'}):", "",
         *evaluation_table(evals),
     ]
-    lines += ["", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", ""]
+    play = f"python play.py --agent model --model_name_or_path {run.output_dir}"
+    lines += ["", "```bash", play + (" --action_mode score" if action_mode == "score" else ""), "```", ""]
     return "\n".join(lines)
 
 
@@ -328,7 +352,11 @@ def main(argv: list[str]) -> None:
         accelerator.init_trackers(LOG_DIR, config=config)
 
     unwrapped = accelerator.unwrap_model(model)
-    greedy_agent = ModelAgent(unwrapped.policy, tokenizer, generation_config(rollout_args, greedy=True))
+    score_mode = rollout_args.action_mode == "score"
+    if score_mode:
+        greedy_agent = ScoringAgent(unwrapped.policy, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args, greedy=True))
+    else:
+        greedy_agent = ModelAgent(unwrapped.policy, tokenizer, generation_config(rollout_args, greedy=True))
     evals = trainer_state["evals"]
     if "random" not in evals:
         evals["random"] = run_evaluation(
@@ -348,10 +376,16 @@ def main(argv: list[str]) -> None:
         train_games, per_process_envs, run.max_episode_steps, shuffle=True,
         seed=run.seed + RESUME_SEED_STRIDE * (start_iteration - 1), rank=rank, world_size=world_size,
     )
-    collector = RolloutCollector(
-        env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_config(rollout_args),
-        generate_kwargs, accelerator.autocast,
-    )
+    if score_mode:
+        collector = ScoringRolloutCollector(
+            env, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args), reward_config(rollout_args),
+            accelerator.autocast,
+        )
+    else:
+        collector = RolloutCollector(
+            env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_config(rollout_args),
+            generate_kwargs, accelerator.autocast,
+        )
     temperature = rollout_args.temperature
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
@@ -367,15 +401,18 @@ def main(argv: list[str]) -> None:
         rollout = collector.collect(unwrapped, ref_model, run.num_steps)
         rollout_time = time.time() - started
         turns = rollout.transitions
-        batch = collate(turns, pad_id)
-        mask = batch["mask"]
+        batch = collate_candidates(turns) if score_mode else collate(turns, pad_id)
+        mask = batch["mask"]  # score mode: each turn is a one-token response, (N, 1)
 
         # ---- 2-3. per-token rewards, GAE, whitening
         kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], ppo.kl_estimator) * mask
         rewards = penalized_rewards(kl, batch["rewards"], mask, kl_controller.value)
-        advantages, returns = gae_advantages(
-            rewards, batch["values"], mask, batch["next_values"], batch["dones"], ppo.gamma_token, ppo.gamma_turn, ppo.lam
-        )
+        if score_mode:
+            advantages, returns = turn_advantages(rewards[:, 0], batch, per_process_envs, ppo.gamma_turn, ppo.lam)
+        else:
+            advantages, returns = gae_advantages(
+                rewards, batch["values"], mask, batch["next_values"], batch["dones"], ppo.gamma_token, ppo.gamma_turn, ppo.lam
+            )
         raw_advantages = advantages
         if ppo.whiten_advantages and ppo.whiten_across_processes:
             moments = accelerator.reduce(torch.stack(masked_moments(advantages.double(), mask)).to(device), "sum").cpu()
@@ -395,21 +432,39 @@ def main(argv: list[str]) -> None:
             order = torch.randperm(batch_size)
             for micro_start in range(0, batch_size, micro_batch_size):
                 index = order[micro_start : micro_start + micro_batch_size]
-                packed = pack_sequences([turns[i].prompt_ids for i in index], [turns[i].response_ids for i in index], pad_id, width)
-                inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
-                update_tokens += int(packed["attention_mask"].sum())
+                if score_mode:
+                    prompt_ids, candidate_ids = [turns[i].prompt_ids for i in index], [turns[i].candidate_ids for i in index]
+                    update_tokens += sum(len(ids) + sum(map(len, rows)) for ids, rows in zip(prompt_ids, candidate_ids))
+                else:
+                    packed = pack_sequences([turns[i].prompt_ids for i in index], [turns[i].response_ids for i in index], pad_id, width)
+                    inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
+                    update_tokens += int(packed["attention_mask"].sum())
                 with accelerator.accumulate(model):
-                    logits, values = model(*inputs, packed["start"], packed["end"])
-                    ref_logits = None
-                    if ppo.kl_loss_coef > 0:
-                        with torch.no_grad():
-                            ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float() / temperature
-                    loss, stats = ppo_loss(
-                        logits.float() / temperature, values.float(), batch["response_ids"][index].to(device),
-                        mask[index].to(device), batch["logprobs"][index].to(device), batch["values"][index].to(device),
-                        advantages[index].to(device), returns[index].to(device), ppo.clip_range, ppo.clip_range_value,
-                        ppo.vf_coef, ppo.ent_coef, ref_logits, ppo.kl_loss_coef, ppo.kl_direction,
-                    )
+                    if score_mode:
+                        # The candidates rescored with gradient; the value comes from the same prompt forward.
+                        scored = score_candidates(
+                            model, ref_model if ppo.kl_loss_coef > 0 else None, prompt_ids, candidate_ids, pad_id,
+                            rollout_args.length_normalize, temperature,
+                        )
+                        loss, stats = candidate_ppo_loss(
+                            scored["logprobs"], scored["mask"], batch["chosen"][index].to(device),
+                            batch["logprobs"][index, 0].to(device), scored["values"], batch["values"][index, 0].to(device),
+                            advantages[index, 0].to(device), returns[index, 0].to(device), ppo.clip_range,
+                            ppo.clip_range_value, ppo.vf_coef, ppo.ent_coef, scored["ref_logprobs"], ppo.kl_loss_coef,
+                            ppo.kl_direction,
+                        )
+                    else:
+                        logits, values = model(*inputs, packed["start"], packed["end"])
+                        ref_logits = None
+                        if ppo.kl_loss_coef > 0:
+                            with torch.no_grad():
+                                ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float() / temperature
+                        loss, stats = ppo_loss(
+                            logits.float() / temperature, values.float(), batch["response_ids"][index].to(device),
+                            mask[index].to(device), batch["logprobs"][index].to(device), batch["values"][index].to(device),
+                            advantages[index].to(device), returns[index].to(device), ppo.clip_range, ppo.clip_range_value,
+                            ppo.vf_coef, ppo.ent_coef, ref_logits, ppo.kl_loss_coef, ppo.kl_direction,
+                        )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(trainable, ppo.max_grad_norm)
@@ -500,7 +555,7 @@ def main(argv: list[str]) -> None:
         if run.save_every and iteration % run.save_every == 0 and not last:
             checkpoint = save_checkpoint(
                 accelerator, model, tokenizer, output_dir, iteration, trainer_state,
-                model_card(run, iteration, evals), arguments, run.save_total_limit,
+                model_card(run, iteration, evals, rollout_args.action_mode), arguments, run.save_total_limit,
             )
     bar.close()
     env.close()
@@ -513,7 +568,7 @@ def main(argv: list[str]) -> None:
             prompt_config(rollout_args), tokenizer, run.seed,
         )
     accelerator.log({**eval_metrics(evals["after"]), "perf/eval_s": time.time() - started}, step=run.num_iterations)
-    card = model_card(run, run.num_iterations, evals)
+    card = model_card(run, run.num_iterations, evals, rollout_args.action_mode)
     checkpoint = save_checkpoint(
         accelerator, model, tokenizer, output_dir, trainer_state["iteration"], trainer_state, card, arguments,
         run.save_total_limit,

@@ -24,6 +24,9 @@ One round:
      micro-batches per process;
   4. evaluate greedily on held-out games, save the round's turns as a dataset, checkpoint.
 A round that keeps nothing is reported and skips step 3.
+With --action_mode score the policy plays by choosing among the admissible commands (lib.agents.ScoringAgent: sampled
+from the softmax over the candidates' scores in step 1, the best one in evaluation); the fine-tuning target stays the
+chosen command's text.
 
 Outputs (output_dir): the final policy (save_pretrained) + tokenizer + README.md, ready for
 `play.py --agent model --model_name_or_path outputs/rejection_sampling`; checkpoints/checkpoint-R after every round
@@ -49,7 +52,7 @@ import torch
 from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
-from lib.agents import ModelAgent, RandomAgent
+from lib.agents import ModelAgent, RandomAgent, ScoringAgent
 from lib.arguments import (
     TRACKERS,
     RolloutArguments,
@@ -60,6 +63,7 @@ from lib.arguments import (
     parse_arguments,
     prompt_config,
     reward_config,
+    scoring_config,
 )
 from lib.evaluation import merge_reports
 from lib.games import GameError, check_game_source, default_cache_dir
@@ -329,9 +333,13 @@ def main(argv: list[str]) -> None:
         accelerator.init_trackers(LOG_DIR, config=config)
 
     unwrapped = accelerator.unwrap_model(model)
-    sampling_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args))
-    greedy_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args, greedy=True))
     prompts, rewards = prompt_config(rollout_args), reward_config(rollout_args)
+    if rollout_args.action_mode == "score":
+        sampling_agent = ScoringAgent(unwrapped, tokenizer, prompts, scoring_config(rollout_args))
+        greedy_agent = ScoringAgent(unwrapped, tokenizer, prompts, scoring_config(rollout_args, greedy=True))
+    else:
+        sampling_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args))
+        greedy_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args, greedy=True))
     per_process_envs = max(1, run.num_envs // world_size)
     pad_id, device = tokenizer.pad_token_id, accelerator.device
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from lib.generation import GenerationConfig
 from lib.prompts import PROMPT_FORMATS, PromptConfig
 from lib.rewards import REWARD_NAMES, RewardConfig, parse_reward_names
+from lib.scoring import ACTION_MODES, ScoringConfig
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "none")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
@@ -18,6 +19,9 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "t
 
 @dataclass
 class RolloutArguments:
+    action_mode: str = field(default="generate", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
+    max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (examine/look/inventory are dropped first)."})
+    length_normalize: bool = field(default=ScoringConfig.length_normalize, metadata={"help": "Score mode: a command's score is the mean of its tokens' log-probs instead of the sum."})
     max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
@@ -44,6 +48,12 @@ def generation_config(rollout: RolloutArguments, greedy: bool = False) -> Genera
     return GenerationConfig(rollout.max_new_tokens, True, rollout.temperature, rollout.top_k, rollout.top_p)
 
 
+def scoring_config(rollout: RolloutArguments, greedy: bool = False) -> ScoringConfig:
+    """Score mode's choice: sampled from the softmax over the candidates' scores at the sampling temperature, or the
+    best candidate."""
+    return ScoringConfig(rollout.max_candidates, rollout.length_normalize, not greedy, rollout.temperature)
+
+
 def prompt_config(rollout: RolloutArguments) -> PromptConfig:
     return PromptConfig(
         rollout.prompt_format, rollout.memory_turns, rollout.hint, rollout.hint_examine, rollout.num_examples,
@@ -59,6 +69,13 @@ def reward_config(rollout: RolloutArguments) -> RewardConfig:
 
 
 def check_rollout_arguments(rollout: RolloutArguments) -> None:
+    if rollout.action_mode not in ACTION_MODES:
+        raise ValueError(f"--action_mode {rollout.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
+    if rollout.action_mode == "score":
+        try:
+            scoring_config(rollout)
+        except ValueError as error:
+            raise ValueError(f"score mode flags: {error}") from None
     for flag, build in (("generation flags", lambda: generation_config(rollout)), ("prompt flags", lambda: prompt_config(rollout)),
                         ("--reward", lambda: reward_config(rollout))):
         try:

@@ -424,6 +424,64 @@ def ppo_loss(
     return loss, stats
 
 
+def candidate_ppo_loss(
+    logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    chosen: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    advantages: torch.Tensor,
+    returns: torch.Tensor,
+    clip_range: float,
+    clip_range_value: float | None,
+    vf_coef: float,
+    ent_coef: float,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_loss_coef: float = 0.0,
+    kl_direction: str = "reverse",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PPO objective at turn level (score mode): one decision per turn, a choice among the state's candidates.
+
+    logprobs, mask (N, K): the policy's log-probabilities over each turn's candidates (log softmax of the scores over
+    the mask's candidates; padding unread); chosen (N,) int: the candidate taken; old_logprobs (N,): its behaviour
+    log-prob; values, old_values, advantages, returns (N,). ref_logprobs (N, K): the reference's log-probs over the
+    same candidates. loss = policy_loss(chosen) + vf_coef * value_loss - ent_coef * H(pi)
+                            + kl_loss_coef * KL(pi || ref) (or KL(ref || pi) when forward), KL and H exact over the
+    candidates; every term averaged over the turns. Stats: those of ppo_loss.
+    """
+    turns = torch.ones_like(old_logprobs, dtype=torch.bool)[:, None]  # each turn: a one-token response
+    chosen_logprobs = logprobs.gather(1, chosen[:, None])
+    pg_loss, pg_stats = policy_loss(chosen_logprobs, old_logprobs[:, None], advantages[:, None], turns, clip_range)
+    vf_loss, vf_stats = value_loss(values[:, None], old_values[:, None], returns[:, None], turns, clip_range_value)
+    logprobs = _zero_masked(logprobs, mask)
+    probabilities = _zero_masked(logprobs.exp(), mask)
+    entropy = -masked_sum(probabilities * logprobs, mask, dim=1).mean()
+    loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
+    kl_loss = torch.zeros_like(loss)
+    if ref_logprobs is not None:
+        if kl_direction not in KL_DIRECTIONS:
+            raise ValueError(f"unknown KL direction {kl_direction!r}; valid options: {', '.join(KL_DIRECTIONS)}")
+        ref_logprobs = _zero_masked(ref_logprobs.detach(), mask)
+        if kl_direction == "reverse":
+            kl = masked_sum(probabilities * (logprobs - ref_logprobs), mask, dim=1)
+        else:
+            kl = masked_sum(ref_logprobs.exp() * (ref_logprobs - logprobs), mask, dim=1)
+        kl_loss = kl.mean()
+        loss = loss + kl_loss_coef * kl_loss
+    stats = {
+        "policy_loss": pg_loss.detach(),
+        "value_loss": vf_loss.detach(),
+        "entropy": entropy.detach(),
+        "kl_loss": kl_loss.detach(),
+        "approx_kl": pg_stats["approx_kl"],
+        "clipfrac": pg_stats["clipfrac"],
+        "value_clipfrac": vf_stats["clipfrac"],
+        "ratio_mean": pg_stats["ratio_mean"],
+    }
+    return loss, stats
+
+
 def sft_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

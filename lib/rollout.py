@@ -8,6 +8,13 @@ One `RolloutCollector.collect(model, ref_model, num_steps)` plays num_steps turn
                   -> env.step(commands) -> reward chain (lib.rewards) -> one Transition per slot
   then one value-only forward over the prompts the next iteration starts from.
 
+`ScoringRolloutCollector` (PPO's --action_mode score) plays the same turns with a policy over each state's candidate
+commands (lib/scoring.py): one forward over the prompts and candidates of the policy+value head (the value at the
+prompt's last token) and one of the reference, then a command sampled from softmax(scores / temperature); its
+turns are one-token responses (logprobs, ref_logprobs, values hold the chosen command's entry) and keep the
+candidates' log-probs. The bootstraps below are the same, the final-state prompts riding along with a throwaway
+candidate.
+
 `play_episodes` plays whole episodes instead (rejection sampling's rounds): lib.evaluation.evaluate with the given
 agent, each turn written down with its reward-chain total.
 
@@ -37,7 +44,8 @@ slot, game, episode, step (1 = first command of the episode), prompt, response, 
 total), score (after the step), max_score, done (terminated), truncated, won, invalid, advantage (MEAN over the
 turn's response tokens of the token advantages, before whitening), return (at the first response token: the value
 target of the turn's state), value (values[0]), logprob (sum over response tokens), kl (sum of the per-token KL
-estimates against the reference).
+estimates against the reference). Score mode adds candidates (the scored commands) and chosen_index; its advantage
+is the turn's (turn-level GAE), its logprob and kl those of the chosen command.
 """
 
 import contextlib
@@ -49,13 +57,21 @@ from pathlib import Path
 
 import torch
 
-from lib.agents import Agent
+from lib.agents import FALLBACK_COMMAND, Agent
 from lib.env import BatchEnv, GameState
 from lib.evaluation import evaluate, rank_episodes
 from lib.generation import GenerationConfig, generate
-from lib.losses import logprobs_from_logits
+from lib.losses import logprobs_from_logits, turn_gae
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
 from lib.rewards import RewardConfig, compute_reward
+from lib.scoring import (
+    ScoringConfig,
+    candidate_logprobs,
+    choose_candidate,
+    encode_candidates,
+    policy_logprobs,
+    select_candidates,
+)
 from lib.value_head import response_logits
 
 ROLLOUTS_DIR = "rollouts"
@@ -86,6 +102,14 @@ class Transition:
     won: bool
     invalid: bool
     next_value: float = math.nan
+    # Score mode (ScoringRolloutCollector): the scored commands, the index of the chosen one, their answer token ids,
+    # and the behaviour and reference log-probs over them (K,); logprobs, ref_logprobs and values then hold one entry,
+    # the chosen command's log-probs and the value at the prompt's last token.
+    candidates: list[str] | None = None
+    chosen_index: int | None = None
+    candidate_ids: list[list[int]] | None = None
+    candidate_logprobs: torch.Tensor | None = None
+    ref_candidate_logprobs: torch.Tensor | None = None
 
 
 @dataclass
@@ -186,9 +210,7 @@ class RolloutCollector:
 
     def collect(self, model, ref_model, num_steps: int) -> Rollout:
         """Play num_steps turns in every slot; `model` is the (unwrapped) PolicyWithValue, `ref_model` a plain LM."""
-        pad_id, temperature = self.tokenizer.pad_token_id, self.generation_config.temperature
-        if not self.generation_config.do_sample:
-            temperature = 1.0
+        pad_id = self.tokenizer.pad_token_id
         rollout = Rollout([])
         previous: list[Transition] = []
         pending: list[tuple[Transition, list[int]]] = []  # truncated turns and their final-state prompt ids
@@ -196,33 +218,22 @@ class RolloutCollector:
             if any(state is None for state in self.states):
                 raise RuntimeError("an env slot went idle during training: do not set num_episodes on the train env")
             prompts = [self.prompt(state, history) for state, history in zip(self.states, self.histories)]
-            with self.autocast():
-                generated = generate(model.policy, self.tokenizer, prompts, self.generation_config, **self.generate_kwargs)
-                scored = score_sequences(
-                    model, ref_model,
-                    generated.prompt_ids + [ids for _, ids in pending],
-                    generated.response_ids + [[] for _ in pending],
-                    pad_id, temperature,
-                )
+            acted, state_values = self.act(model, ref_model, prompts, [ids for _, ids in pending])
             num_slots = len(prompts)
-            self._bootstrap(previous, pending, scored["values"][:, 0], num_slots)
-            results = self.env.step(generated.commands)
+            self._bootstrap(previous, pending, state_values, num_slots)
+            results = self.env.step([fields["command"] for fields in acted])
             previous, pending = [], []
             for slot, result in enumerate(results):
-                length = len(generated.response_ids[slot])
                 before = self.states[slot]
-                components = compute_reward(result, generated.commands[slot], self.reward_config, before)
+                components = compute_reward(result, acted[slot]["command"], self.reward_config, before)
                 turn = Transition(
-                    slot=slot, game=before.game, episode=before.episode, step=result.state.steps,
-                    prompt=prompts[slot], response=generated.texts[slot], command=generated.commands[slot],
-                    prompt_ids=generated.prompt_ids[slot], response_ids=generated.response_ids[slot],
-                    logprobs=scored["logprobs"][slot, :length], ref_logprobs=scored["ref_logprobs"][slot, :length],
-                    values=scored["values"][slot, :length], reward=components["total"], reward_components=components,
+                    slot=slot, game=before.game, episode=before.episode, step=result.state.steps, prompt=prompts[slot],
+                    **acted[slot], reward=components["total"], reward_components=components,
                     score=result.state.score, max_score=result.state.max_score, done=result.terminated,
                     truncated=result.truncated, won=result.state.won, invalid=result.invalid,
                 )
                 rollout.transitions.append(turn)
-                rollout.generated_tokens += length
+                rollout.generated_tokens += len(turn.response_ids)
                 self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), turn.command))
                 self.returns[slot] += turn.reward
                 if result.terminated:
@@ -244,6 +255,30 @@ class RolloutCollector:
         self._bootstrap(previous, pending, scored["values"][:, 0], len(next_prompts))
         return rollout
 
+    def act(self, model, ref_model, prompts: list[str], pending_ids: list[list[int]]):
+        """One turn in every slot: per slot the Transition fields of what the policy did (response, command,
+        prompt_ids, response_ids, logprobs, ref_logprobs, values), and the values at the last token of every prompt,
+        then of the `pending_ids` prompts (truncated episodes' final states)."""
+        pad_id, temperature = self.tokenizer.pad_token_id, self.generation_config.temperature
+        if not self.generation_config.do_sample:
+            temperature = 1.0
+        with self.autocast():
+            generated = generate(model.policy, self.tokenizer, prompts, self.generation_config, **self.generate_kwargs)
+            scored = score_sequences(
+                model, ref_model, generated.prompt_ids + pending_ids, generated.response_ids + [[] for _ in pending_ids],
+                pad_id, temperature,
+            )
+        acted = []
+        for slot in range(len(prompts)):
+            length = len(generated.response_ids[slot])
+            acted.append({
+                "response": generated.texts[slot], "command": generated.commands[slot],
+                "prompt_ids": generated.prompt_ids[slot], "response_ids": generated.response_ids[slot],
+                "logprobs": scored["logprobs"][slot, :length], "ref_logprobs": scored["ref_logprobs"][slot, :length],
+                "values": scored["values"][slot, :length],
+            })
+        return acted, scored["values"][:, 0]
+
     @staticmethod
     def _bootstrap(previous: list[Transition], pending, first_values: torch.Tensor, num_slots: int) -> None:
         """next_value of the last step's ongoing turns (this step's values[0] of the same slot) and of its truncated
@@ -263,6 +298,69 @@ class RolloutCollector:
             "won": turn.won,
             "length": turn.step,
         }
+
+
+class ScoringRolloutCollector(RolloutCollector):
+    """The same turns, bootstraps and episodes as RolloutCollector, with score mode's policy: per turn, a command
+    sampled from the softmax over the state's candidate commands (lib/scoring.py), the scores divided by the
+    sampling temperature; the value is read at the prompt's last token of the same forward."""
+
+    def __init__(self, env: BatchEnv, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig,
+                 reward_config: RewardConfig, autocast=contextlib.nullcontext):
+        super().__init__(env, tokenizer, prompt_config, None, reward_config, autocast=autocast)
+        self.scoring_config = scoring_config
+
+    def act(self, model, ref_model, prompts, pending_ids):
+        config = self.scoring_config
+        # A state without admissible commands still gets a turn, as ScoringAgent gives it: the harmless fallback.
+        candidates = [select_candidates(state.admissible_commands, config.max_candidates) or [FALLBACK_COMMAND]
+                      for state in self.states]
+        prompt_ids = [self.encode(prompt) for prompt in prompts]
+        candidate_ids = encode_candidates(candidates, self.prompt_config, self.tokenizer)
+        # Truncated episodes' final states ride along for their values, each with a throwaway one-token candidate:
+        # every process then makes the same forward calls whatever its games do (ZeRO-3 pairs them up).
+        throwaway = [[[self.tokenizer.eos_token_id]] for _ in pending_ids]
+        with self.autocast(), torch.no_grad():
+            scored = score_candidates(
+                model, ref_model, prompt_ids + pending_ids, candidate_ids + throwaway, self.tokenizer.pad_token_id,
+                config.length_normalize, config.temperature,
+            )
+        scored = {key: value.cpu() for key, value in scored.items()}
+        acted = []
+        for slot, commands in enumerate(candidates):
+            logprobs = scored["logprobs"][slot, : len(commands)]
+            ref_logprobs = scored["ref_logprobs"][slot, : len(commands)]
+            index = choose_candidate(logprobs, do_sample=True)  # temperature already applied
+            acted.append({
+                "response": commands[index], "command": commands[index], "prompt_ids": prompt_ids[slot],
+                "response_ids": candidate_ids[slot][index], "logprobs": logprobs[index : index + 1],
+                "ref_logprobs": ref_logprobs[index : index + 1], "values": scored["values"][slot : slot + 1],
+                "candidates": commands, "chosen_index": index, "candidate_ids": candidate_ids[slot],
+                "candidate_logprobs": logprobs, "ref_candidate_logprobs": ref_logprobs,
+            })
+        return acted, scored["values"]
+
+
+def score_candidates(model, ref_model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int,
+                     length_normalize: bool, temperature: float) -> dict:
+    """The policy over each state's candidates: logprobs (S, K) = log softmax(scores / temperature) over its K_s
+    candidates (0 in the padding), mask (S, K), values (S,) at the prompts' last tokens from the same forward, and
+    ref_logprobs (S, K) under `ref_model` (None without it, always computed without gradient). `model` is the
+    PolicyWithValue (wrapped or not); differentiable through it."""
+    scores, values = model(candidates={"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "pad_id": pad_id,
+                                       "length_normalize": length_normalize})
+    scored = {"logprobs": _pad_rows([policy_logprobs(s, temperature) for s in scores]),
+              "mask": _pad_rows([torch.ones(len(s), dtype=torch.bool, device=s.device) for s in scores]),
+              "values": values.float(), "ref_logprobs": None}
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_scores = candidate_logprobs(ref_model, prompt_ids, candidate_ids, pad_id, length_normalize)
+        scored["ref_logprobs"] = _pad_rows([policy_logprobs(s, temperature) for s in ref_scores])
+    return scored
+
+
+def _pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
 
 
 class _RewardRecorder(Agent):
@@ -350,6 +448,43 @@ def collate(transitions: list[Transition], pad_id: int) -> dict[str, torch.Tenso
     }
 
 
+def collate_candidates(transitions: list[Transition]) -> dict[str, torch.Tensor]:
+    """A score-mode rollout as tensors: each turn is one decision, a one-token response, so logprobs, ref_logprobs
+    (of the chosen command), values (at the prompt's last token) and mask are (N, 1), as `collate` gives them in
+    generate mode; rewards, dones, truncateds, next_values, chosen (its index) are (N,); candidate_logprobs,
+    ref_candidate_logprobs and candidate_mask (N, K) cover each turn's candidates, right-padded."""
+    return {
+        "mask": torch.ones(len(transitions), 1, dtype=torch.bool),
+        "logprobs": torch.stack([t.logprobs for t in transitions]).float(),
+        "ref_logprobs": torch.stack([t.ref_logprobs for t in transitions]).float(),
+        "values": torch.stack([t.values for t in transitions]).float(),
+        "rewards": torch.tensor([t.reward for t in transitions], dtype=torch.float32),
+        "dones": torch.tensor([t.done for t in transitions], dtype=torch.float32),
+        "truncateds": torch.tensor([t.truncated for t in transitions], dtype=torch.float32),
+        "next_values": torch.tensor([t.next_value for t in transitions], dtype=torch.float32),
+        "chosen": torch.tensor([t.chosen_index for t in transitions]),
+        "candidate_logprobs": _pad_rows([t.candidate_logprobs for t in transitions]).float(),
+        "ref_candidate_logprobs": _pad_rows([t.ref_candidate_logprobs for t in transitions]).float(),
+        "candidate_mask": _pad_rows([torch.ones(len(t.candidates), dtype=torch.bool) for t in transitions]),
+    }
+
+
+def turn_advantages(rewards: torch.Tensor, batch: dict, num_slots: int, gamma: float, lam: float):
+    """Turn-level GAE (lib.losses.turn_gae) of a score-mode rollout. Its turns are step-major (all slots of step 0,
+    then step 1, ...), so each slot's turns, reshaped into a row, are time-ordered; a truncation stops the recursion
+    (the next turn is another episode's) after bootstrapping from next_value. rewards: (N,) turn rewards, KL penalty
+    included; batch: collate_candidates. Returns (advantages, returns), (N, 1) like `batch["values"]`."""
+
+    def by_slot(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, num_slots).T
+
+    advantages, returns = turn_gae(
+        by_slot(rewards), by_slot(batch["values"][:, 0]), torch.ones_like(by_slot(rewards)), by_slot(batch["next_values"]),
+        by_slot(batch["dones"]), gamma, lam, by_slot(batch["truncateds"]),
+    )
+    return advantages.T.reshape(-1, 1), returns.T.reshape(-1, 1)
+
+
 def rollout_rows(
     transitions: list[Transition],
     iteration: int,
@@ -372,6 +507,8 @@ def rollout_rows(
             "invalid": t.invalid, "advantage": float(mean_advantages[i]), "return": float(returns[i, 0]),
             "value": float(t.values[0]), "logprob": float(t.logprobs.sum()), "kl": float(kl_sums[i]),
         })
+        if t.candidates is not None:
+            rows[-1].update(candidates=t.candidates, chosen_index=t.chosen_index)
     return rows
 
 

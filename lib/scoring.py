@@ -14,7 +14,9 @@ Efficient scoring, two forwards for a whole batch of states whatever the number 
      on top of that cache: positions continue from the prompt's length, the attention mask is the prompt's mask
      followed by the candidate's, and the logits at candidate tokens 0..T-2 give tokens 1..T-1.
 The prompt is encoded once per state, never per candidate; `candidate_logprobs_naive` encodes prompt + candidate
-from scratch for every candidate, the reference the tests and bench/bench_scoring.py compare against.
+from scratch for every candidate, the reference the tests and bench/bench_scoring.py compare against. With a value
+head (PPO in score mode), the prompt forward runs the decoder and applies the LM head and the value head to the last
+column only, so the state's value comes from the same forward as the candidates' first tokens.
 
 Candidate cap (`max_candidates`): over the cap, the commands that only look around (examine, look, inventory, the
 ones the prompt's hint also leaves out) go first, from the end of the list; then, still over, the list is cut to its
@@ -106,26 +108,34 @@ def _scores(logits: torch.Tensor, batch: dict, length_normalize: bool) -> list[t
 
 def _cache_argument(model) -> str:
     """The forward's name for the KV cache: transformers 5 renamed `past_key_values` to `cache` (the old name warns,
-    and goes in 5.40), and the project allows any 5.x."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    and goes in 5.40), and the project allows any 5.x. A DeepSpeed engine (the ZeRO-3 reference) is asked about the
+    module it wraps."""
+    forward = getattr(model, "module", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def candidate_logprobs(
-    model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False
-) -> list[torch.Tensor]:
+    model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False,
+    value_head=None,
+):
     """Per state, the scores of its candidates (K_s,), with the prompt's KV cache shared by its candidates.
 
     Two forwards (see the module docstring), whatever the number of states and candidates. Differentiable: call it
-    under torch.no_grad() when only acting.
+    under torch.no_grad() when only acting. With `value_head` (hidden (..., H) -> value (...)), returns
+    (scores, values (S,)): each state's value at its prompt's last token, from the prompt forward.
     """
     batch = _flatten(prompt_ids, candidate_ids, pad_id, next(model.parameters()).device)
     prompt_mask, candidate_mask = batch["prompt_mask"], batch["candidate_mask"]
-    cache = DynamicCache(config=model.config)
+    cache = DynamicCache(config=getattr(model, "module", model).config)
     cache_argument = {_cache_argument(model): cache}
-    prompt_logits = model(
-        input_ids=batch["prompts"], attention_mask=prompt_mask, position_ids=(prompt_mask.cumsum(-1) - 1).clamp(min=0),
-        use_cache=True, logits_to_keep=1, **cache_argument,
-    ).logits[:, -1]
+    prompt_inputs = {"input_ids": batch["prompts"], "attention_mask": prompt_mask,
+                     "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0), "use_cache": True}
+    if value_head is None:
+        prompt_logits = model(**prompt_inputs, logits_to_keep=1, **cache_argument).logits[:, -1]
+    else:
+        decoder = model.get_decoder()
+        hidden = decoder(**prompt_inputs, **{_cache_argument(decoder): cache}).last_hidden_state[:, -1]
+        prompt_logits, values = model.get_output_embeddings()(hidden), value_head(hidden)
     cache.reorder_cache(batch["state"])  # index_select on the batch dimension: one copy of the prompt per candidate
     width = candidate_mask.shape[1]
     positions = prompt_mask.sum(-1)[batch["state"], None] + torch.arange(width, device=candidate_mask.device)
@@ -136,7 +146,8 @@ def candidate_logprobs(
         logits_to_keep=torch.arange(width - 1, device=candidate_mask.device),
     ).logits
     logits = torch.cat([prompt_logits[batch["state"], None], candidate_logits], dim=1)
-    return _scores(logits, batch, length_normalize)
+    scores = _scores(logits, batch, length_normalize)
+    return scores if value_head is None else (scores, values)
 
 
 def candidate_logprobs_naive(

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib.scoring import candidate_logprobs
+
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_TYPES = ("linear", "mlp")
 
@@ -97,13 +99,21 @@ class PolicyWithValue(nn.Module):
 
     def forward(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        start: int,
-        end: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, end - start, V), values (B, end - start)) at positions start..end-1 of the sequences."""
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        start: int = 0,
+        end: int = 0,
+        candidates: dict | None = None,
+    ):
+        """(logits (B, end - start, V), values (B, end - start)) at positions start..end-1 of the sequences.
+
+        Score mode passes only `candidates`, the keyword arguments of lib.scoring.candidate_logprobs (prompt_ids,
+        candidate_ids, pad_id, length_normalize), and gets (scores per state, values (S,)). It enters through this
+        forward so that DDP and DeepSpeed wrappers see the call (ZeRO-3 gathers the weights in it).
+        """
+        if candidates is not None:
+            return candidate_logprobs(self.policy, **candidates, value_head=self.value_head)
         hidden = decoder_hidden(self.policy, input_ids, attention_mask, position_ids)[:, start:end]
         return self.policy.get_output_embeddings()(hidden), self.value_head(hidden)
 

@@ -7,6 +7,7 @@ from torch.distributions import Categorical, kl_divergence
 from lib.losses import (
     AdaptiveKLController,
     FixedKLController,
+    candidate_ppo_loss,
     entropy_from_logits,
     exact_kl,
     explained_variance,
@@ -355,6 +356,52 @@ def test_policy_loss_clipping_hand_example():
     expected_grad = torch.tensor([[0.0, -0.5, 0.0, 1.5, -1.0, 0.0]], dtype=torch.float64) / 5
     assert torch.allclose(logprobs.grad, expected_grad)
 
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_candidate_ppo_loss_hand_example(direction):
+    # Turn 0: pi = (1/2, 1/4, 1/4), chose 0 with behaviour prob 1/4: ratio 2, A = 1, clipped to -1.2.
+    # Turn 1: pi = (0.8, 0.2) and a padded slot (NaN, never read), chose 1 with behaviour prob 0.2: ratio 1, A = -2: 2.
+    probabilities = torch.tensor([[0.5, 0.25, 0.25], [0.8, 0.2, float("nan")]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    logprobs = probabilities.log().requires_grad_(True)
+    ref = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 7.0]], dtype=torch.float64).log()
+    values = torch.tensor([1.0, 0.0], dtype=torch.float64, requires_grad=True)
+    loss, stats = candidate_ppo_loss(
+        logprobs, mask, torch.tensor([0, 1]), torch.tensor([0.25, 0.2], dtype=torch.float64).log(), values,
+        torch.tensor([0.5, 0.0], dtype=torch.float64), torch.tensor([1.0, -2.0], dtype=torch.float64),
+        torch.tensor([2.0, 1.0], dtype=torch.float64), clip_range=0.2, clip_range_value=0.2, vf_coef=0.5,
+        ent_coef=0.1, ref_logprobs=ref, kl_loss_coef=0.3, kl_direction=direction,
+    )
+    policy = (-1.2 + 2.0) / 2
+    # Value 1.0 from old 0.5 clips to 0.7: max((1 - 2)^2, (0.7 - 2)^2) = 1.69; turn 1: (0 - 1)^2 = 1.
+    value = 0.5 * (1.69 + 1.0) / 2
+    entropy = (1.5 * math.log(2) - (0.8 * math.log(0.8) + 0.2 * math.log(0.2))) / 2
+    pi, q = [[0.5, 0.25, 0.25], [0.8, 0.2]], [[1 / 3] * 3, [0.5, 0.5]]
+    if direction == "forward":
+        pi, q = q, pi
+    kl = sum(sum(a * math.log(a / b) for a, b in zip(p_row, q_row)) for p_row, q_row in zip(pi, q)) / 2
+    assert stats["policy_loss"].item() == pytest.approx(policy)
+    assert stats["value_loss"].item() == pytest.approx(value)
+    assert stats["entropy"].item() == pytest.approx(entropy)
+    assert stats["kl_loss"].item() == pytest.approx(kl)
+    assert loss.item() == pytest.approx(policy + 0.5 * value - 0.1 * entropy + 0.3 * kl)
+    assert stats["clipfrac"].item() == pytest.approx(0.5) and stats["value_clipfrac"].item() == pytest.approx(0.5)
+    assert stats["approx_kl"].item() == pytest.approx((1 - math.log(2)) / 2)
+
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all() and logprobs.grad[1, 2] == 0  # padding: no gradient, no NaN
+    assert logprobs.grad[1, 1] != 0  # the chosen command of the unclipped turn
+    # Without a reference and with ent_coef 0 only the chosen log-prob matters, and only where unclipped.
+    logprobs.grad = None
+    loss, stats = candidate_ppo_loss(
+        logprobs, mask, torch.tensor([0, 1]), torch.tensor([0.25, 0.2], dtype=torch.float64).log(), values.detach(),
+        values.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64), values.detach(), 0.2, 0.2, 0.5, 0.0,
+    )
+    loss.backward()
+    expected = torch.zeros(2, 3, dtype=torch.float64)
+    expected[1, 1] = 2.0 * 1.0 / 2  # d/dlogprob of -A * ratio at ratio 1, averaged over 2 turns
+    assert torch.allclose(logprobs.grad, expected) and stats["kl_loss"] == 0
 
 def test_policy_loss_without_clipping_is_the_policy_gradient():
     torch.manual_seed(11)

@@ -81,6 +81,8 @@ BAD_FLAGS = [
     (["--eval_games", "/no/such/games"], "--eval_games"),
     (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
     (["--gamma_turn", "1.5"], "--gamma_turn"),
+    (["--action_mode", "beam"], "--action_mode"),
+    (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
 ]
 
 
@@ -199,6 +201,38 @@ def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_pat
     assert sorted(set(dataset["game"])) == sorted(tiny_games)  # each process played its own game
     assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
     assert load_value_head(output).config()["head_type"] == "linear"
+
+
+def check_score_mode_rollouts(output, rows):
+    dataset = load_rollouts(output)
+    assert dataset.num_rows == rows
+    for row in dataset:
+        assert 1 <= len(row["candidates"]) <= 3 and row["command"] == row["candidates"][row["chosen_index"]]
+        assert row["response"] == row["command"] and not row["invalid"]
+    return dataset
+
+
+def test_end_to_end_score_mode(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    # The tiny random model puts almost all mass on its shortest candidate: mean scores at a high temperature spread
+    # the samples, so that some win and the update has advantages to follow.
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, action_mode="score",
+                                   max_candidates=3, length_normalize=True, temperature=4, kl_loss_coef=0.1,
+                                   ent_coef=0.01, report_to="none"))
+    assert "before training: normalized score" in log and "after training" in log
+    dataset = check_score_mode_rollouts(output, 2 * 2 * 2)
+    # The update moved the policy's candidate distribution away from the reference's.
+    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) > 1e-6
+    assert json.loads((output / "training_args.json").read_text())["action_mode"] == "score"
+
+
+def test_two_process_deepspeed_zero2_on_cpu_score_mode(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
+                                   action_mode="score", max_candidates=3), launcher, timeout=600)
+    assert "after training" in log
+    assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["rank"])) == [0, 1]
 
 
 def test_accelerate_configs_parse():

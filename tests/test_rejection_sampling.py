@@ -158,6 +158,7 @@ BAD_FLAGS = [
     (["--report_to", "comet"], "--report_to"),
     (["--eval_games", "/no/such/games"], "--eval_games"),
     (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
+    (["--action_mode", "beam"], "--action_mode"),
 ]
 
 
@@ -278,6 +279,18 @@ def test_resume_continues_at_the_next_round_and_a_round_keeping_nothing_is_skipp
     before = load_file(output / "checkpoints" / "checkpoint-2" / "model.safetensors")
     after = load_file(output / "checkpoints" / "checkpoint-3" / "model.safetensors")
     assert all(torch.equal(before[key], after[key]) for key in before)  # nothing kept, nothing learned
+
+
+def test_score_mode_plays_admissible_commands_and_trains_on_them(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "out"
+    log = run_script(tiny_args(tiny_model_path, tiny_games, output, num_rounds=1, action_mode="score",
+                               max_candidates=3, length_normalize=True, temperature=4))
+    assert "before training: normalized score" in log and "round 1:" in log
+    dataset = load_rollouts(output, prefix="round")
+    # ScoringAgent answers with the chosen command itself, which is also the fine-tuning target.
+    assert dataset.num_rows > 0 and dataset["response"] == dataset["command"]
+    assert set(dataset["command"]) <= {"examine coin", "inventory", "take coin"}  # the tiny games' candidates
+    assert (output / "model.safetensors").exists()
 
 
 def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_path):

@@ -5,18 +5,22 @@ import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import GenerationConfig
-from lib.losses import gae_advantages, kl_estimate
+from lib.losses import gae_advantages, kl_estimate, penalized_rewards, turn_gae
 from lib.models import load_model, load_tokenizer
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
 from lib.rewards import RewardConfig
 from lib.rollout import (
     RolloutCollector,
+    ScoringRolloutCollector,
     collate,
+    collate_candidates,
     load_rollouts,
     pack_sequences,
     rollout_rows,
     save_rollouts,
+    turn_advantages,
 )
+from lib.scoring import ScoringConfig, candidate_logprobs_naive, encode_candidates, policy_logprobs
 from lib.value_head import PolicyWithValue, ValueHead
 
 OBJECTIVE = "Find the coin."
@@ -195,3 +199,74 @@ def test_collate_pads_right_and_keeps_turn_fields(collected):
     assert batch["dones"].tolist() == [float(t.done) for t in turns]
     assert torch.equal(batch["next_values"], torch.tensor([t.next_value for t in turns]))
     assert not torch.isnan(batch["next_values"]).any()
+
+
+# ---------------------------------------------------------------- score mode
+
+
+@pytest.fixture(scope="module")
+def scored_rollouts(models):
+    model, ref, tokenizer = models
+    torch.manual_seed(2)
+    collector = ScoringRolloutCollector(
+        ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), ScoringConfig(temperature=2.0),
+        RewardConfig(("score", "invalid")),
+    )
+    return collector.collect(model, ref, num_steps=4), collector.collect(model, ref, num_steps=1)
+
+
+def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollouts, models):
+    model, ref, tokenizer = models
+    first, second = scored_rollouts
+    turns = first.transitions
+    assert len(turns) == 8 and [t.slot for t in turns] == [0, 1] * 4
+    config = PromptConfig(memory_turns=2)
+    for turn in turns:
+        assert turn.candidates == ["take coin", "go east"] and turn.command == turn.candidates[turn.chosen_index]
+        assert not turn.invalid
+        # Behaviour and reference: softmax(scores / 2) over the candidates, scored from scratch here.
+        candidate_ids = encode_candidates([turn.candidates], config, tokenizer)
+        assert turn.candidate_ids == candidate_ids[0] and turn.response_ids == candidate_ids[0][turn.chosen_index]
+        with torch.no_grad():
+            for lm, cached in ((model.policy, turn.candidate_logprobs), (ref, turn.ref_candidate_logprobs)):
+                scores = candidate_logprobs_naive(lm, [turn.prompt_ids], candidate_ids, tokenizer.pad_token_id)[0]
+                torch.testing.assert_close(cached, policy_logprobs(scores, 2.0), atol=1e-4, rtol=1e-4)
+        assert turn.logprobs.tolist() == [float(turn.candidate_logprobs[turn.chosen_index])]
+        assert turn.ref_logprobs.tolist() == [float(turn.ref_candidate_logprobs[turn.chosen_index])]
+        assert float(turn.values[0]) == pytest.approx(state_value(model, tokenizer, turn.prompt), abs=1e-4)
+    by_step = {(t.slot, i // 2): t for i, t in enumerate(turns)}
+    # The same bootstraps as generate mode: 0 after a win, the next turn's value, the final state's value.
+    assert by_step[0, 2].done and by_step[0, 2].next_value == 0.0
+    assert by_step[0, 0].next_value == pytest.approx(float(by_step[0, 1].values[0]), abs=1e-6)
+    assert by_step[0, 3].next_value == pytest.approx(float(second.transitions[0].values[0]), abs=1e-4)
+    truncated = by_step[1, 1]
+    assert truncated.truncated and truncated.next_value != pytest.approx(float(by_step[1, 2].values[0]), abs=1e-6)
+    history = [Turn(clean_observation(observation(1, 0, step), OBJECTIVE), by_step[1, step].command) for step in (0, 1)]
+    final = build_prompt(OBJECTIVE, clean_observation(observation(1, 0, 2), OBJECTIVE), "", ["take coin", "go east"],
+                         history, config, tokenizer)
+    assert truncated.next_value == pytest.approx(state_value(model, tokenizer, final), abs=1e-4)
+
+
+def test_score_mode_turn_advantages_and_rows(scored_rollouts, tmp_path):
+    turns = scored_rollouts[0].transitions
+    batch = collate_candidates(turns)
+    assert batch["mask"].shape == batch["logprobs"].shape == batch["values"].shape == (8, 1)
+    assert batch["candidate_logprobs"].shape == batch["candidate_mask"].shape == (8, 2)
+    assert batch["chosen"].tolist() == [t.chosen_index for t in turns]
+    kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], "k3") * batch["mask"]
+    rewards = penalized_rewards(kl, batch["rewards"], batch["mask"], 0.1)[:, 0]
+    advantages, returns = turn_advantages(rewards, batch, num_slots=2, gamma=0.9, lam=0.8)
+    # Each slot's turns in time order, through turn_gae one slot at a time.
+    for slot in (0, 1):
+        rows = [i for i, t in enumerate(turns) if t.slot == slot]
+        expected, expected_returns = turn_gae(
+            rewards[rows][None], batch["values"][rows, 0][None], torch.ones(1, 4), batch["next_values"][rows][None],
+            batch["dones"][rows][None], 0.9, 0.8, batch["truncateds"][rows][None],
+        )
+        torch.testing.assert_close(advantages[rows, 0], expected[0])
+        torch.testing.assert_close(returns[rows, 0], expected_returns[0])
+    save_rollouts(rollout_rows(turns, 1, 0, advantages, returns, kl, batch["mask"]), tmp_path, 1)
+    dataset = load_rollouts(tmp_path)
+    assert dataset["candidates"] == [t.candidates for t in turns]
+    assert dataset["chosen_index"] == [t.chosen_index for t in turns]
+    assert dataset["logprob"] == pytest.approx([float(t.logprobs[0]) for t in turns], abs=1e-6)
