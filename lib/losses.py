@@ -411,7 +411,12 @@ def ppo_loss(
     if ref_logits is not None:
         kl_loss = masked_mean(exact_kl(logits, ref_logits, kl_direction), mask)
         loss = loss + kl_loss_coef * kl_loss
-    stats = {
+    return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
+
+
+def _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats: dict, vf_stats: dict) -> dict:
+    """The detached figures both PPO losses report (the same keys, so the trainer logs either the same way)."""
+    return {
         "policy_loss": pg_loss.detach(),
         "value_loss": vf_loss.detach(),
         "entropy": entropy.detach(),
@@ -421,7 +426,6 @@ def ppo_loss(
         "value_clipfrac": vf_stats["clipfrac"],
         "ratio_mean": pg_stats["ratio_mean"],
     }
-    return loss, stats
 
 
 def candidate_ppo_loss(
@@ -469,17 +473,7 @@ def candidate_ppo_loss(
             kl = masked_sum(ref_logprobs.exp() * (ref_logprobs - logprobs), mask, dim=1)
         kl_loss = kl.mean()
         loss = loss + kl_loss_coef * kl_loss
-    stats = {
-        "policy_loss": pg_loss.detach(),
-        "value_loss": vf_loss.detach(),
-        "entropy": entropy.detach(),
-        "kl_loss": kl_loss.detach(),
-        "approx_kl": pg_stats["approx_kl"],
-        "clipfrac": pg_stats["clipfrac"],
-        "value_clipfrac": vf_stats["clipfrac"],
-        "ratio_mean": pg_stats["ratio_mean"],
-    }
-    return loss, stats
+    return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
 
 def sft_loss(
