@@ -103,6 +103,15 @@ def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     parser = HfArgumentParser(dataclass_types)
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         if not os.path.isfile(argv[0]):
-            raise ValueError(f"config file not found: {argv[0]}")
-        return parser.parse_yaml_file(os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+            raise ValueError(f"config file not found: {argv[0]}; check the path, or pass the flags on the command line")
+        import yaml
+
+        try:
+            return parser.parse_yaml_file(os.path.abspath(argv[0]))
+        except yaml.YAMLError as error:
+            problem = " ".join(str(error).split())
+            raise ValueError(f"config file {argv[0]} is not valid YAML ({problem}); fix its syntax") from None
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise ValueError(f"unknown flag(s) or argument(s) {' '.join(unknown)}; see --help for the flags")
+    return tuple(parsed)

@@ -197,7 +197,7 @@ def check_game_file(path: Path) -> Path:
     if path.suffix == ".z8":
         # Z-machine header: byte 0 is the version, bytes 0x1A-0x1B the file length / 8 for version 8.
         if len(data) < 64 or data[0] != 8:
-            raise GameError(f"{path} is not a Z-machine version 8 story file (corrupt or wrong format)")
+            raise GameError(f"{path} is not a Z-machine version 8 story file (corrupt or wrong format); regenerate it or pass another file")
         declared = struct.unpack(">H", data[0x1A:0x1C])[0] * 8
     else:
         # Glulx header: magic 'Glul', then version, RAMSTART, EXTSTART (the file length).
@@ -220,7 +220,7 @@ def find_game_files(source: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in GAME_SUFFIXES)
         if not files:
-            raise GameError(f"folder {path} holds no game files ({', '.join(GAME_SUFFIXES)})")
+            raise GameError(f"folder {path} holds no game files ({', '.join(GAME_SUFFIXES)}); add games to it or pass another folder")
     elif glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).suffix in GAME_SUFFIXES)
         if not files:

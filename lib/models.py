@@ -66,7 +66,7 @@ def resolve_model(name: str) -> tuple[str, str | None]:
     if path.exists():
         raise ModelError(f"{path} is a file, not a model folder, a .gguf file or a model id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"model folder not found: {name}")
+        raise ModelError(f"--model_name_or_path: model folder not found: {name}; pass an existing folder, a .gguf file or a hub id")
     return name, None
 
 

@@ -95,11 +95,13 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     if resume_from_checkpoint == "latest":
         folder = newest_checkpoint(output_dir)
         if folder is None:
-            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}")
+            raise ValueError(f"--resume_from_checkpoint latest: no checkpoint in {Path(output_dir) / CHECKPOINTS_DIR}; "
+                             "drop the flag to start a fresh run")
     else:
         folder = Path(resume_from_checkpoint)
     if not (folder / TRAINING_STATE_DIR).is_dir() or not (folder / TRAINER_STATE_FILE).is_file():
-        raise ValueError(f"--resume_from_checkpoint {folder}: not a training checkpoint (no {TRAINING_STATE_DIR}/)")
+        raise ValueError(f"--resume_from_checkpoint {folder}: not a training checkpoint (no {TRAINING_STATE_DIR}/); "
+                         f"pass a {CHECKPOINTS_DIR}/checkpoint-N folder or `latest`")
     state = json.loads((folder / TRAINER_STATE_FILE).read_text())
     if step_key not in state:
         raise ValueError(f"--resume_from_checkpoint {folder}: written by another script (no {step_key!r} in {TRAINER_STATE_FILE})")
@@ -111,6 +113,8 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
     """A fresh run must not mix its rollouts and checkpoints with an earlier run's."""
     output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output_dir {output} is a file, not a folder: pass another --output_dir or move the file")
     earlier = [output / CHECKPOINTS_DIR, output / ROLLOUTS_DIR]
     if resume_from_checkpoint is None and any(path.exists() for path in earlier):
         if not overwrite_output_dir:
