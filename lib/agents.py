@@ -7,6 +7,7 @@ gives the raw text behind the latest commands and `transcript_columns(slot)` any
 turn, for transcripts.
 """
 
+import abc
 import random
 
 import torch
@@ -26,13 +27,14 @@ class SessionEnded(Exception):
     """The human quit (typed `quit` or closed the input); the evaluation stops and reports the finished episodes."""
 
 
-class Agent:
+class Agent(abc.ABC):
     name = "agent"
     needs_prompts = False
     max_envs: int | None = None
 
+    @abc.abstractmethod
     def act(self, states: list[GameState | None], prompts: list[str | None]) -> list[str | None]:
-        raise NotImplementedError
+        """One command per active slot (None for an idle slot)."""
 
     def observe(self, results: list[StepResult | None]) -> None:
         """Called with the results of every step; agents that learn nothing from them ignore it."""
