@@ -4,7 +4,7 @@
     python play.py --agent walkthrough --output_dir outputs/walkthrough
     python play.py --agent human --games tiny
     python play.py --agent model --model_name_or_path outputs/ppo --output_dir outputs/eval
-    python play.py --agent model --action_mode score # choose among the admissible commands (lib/scoring.py)
+    python play.py --agent model --action_mode generate  # write commands instead of choosing admissible ones
     python play.py my_eval.yaml                      # the same flags, read from a YAML file
 
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
@@ -76,8 +76,8 @@ class Args:
     )
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code from the Hub repo to run"})
     action_mode: str = field(
-        default="generate",
-        metadata={"help": "model agent: generate (write a command) or score (choose among the admissible commands)"},
+        default="score",
+        metadata={"help": "model agent: score (choose among the admissible commands) or generate (write a command)"},
     )
     max_candidates: int = field(
         default=ScoringConfig.max_candidates,
@@ -143,8 +143,6 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
     if args.action_mode not in ACTION_MODES:
         raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
-    if args.action_mode == "score" and args.agent != "model":
-        raise ValueError(f"--action_mode score is for the model agent, not --agent {args.agent}")
     if args.split not in SPLITS:
         raise ValueError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
     for flag in ("num_envs", "max_episode_steps", "max_new_tokens", "num_episodes"):

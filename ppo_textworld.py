@@ -45,6 +45,7 @@ runs/ tensorboard logs.
 
 import copy
 import json
+import math
 import os
 import shutil
 import sys
@@ -113,6 +114,8 @@ from lib.training import (
     LOG_DIR,
     TRAINER_STATE_FILE,
     TRAINING_STATE_DIR,
+    NonFiniteError,
+    NonFiniteGuard,
     build_accelerator,
     build_optimizer,
     check_output_dir,
@@ -121,6 +124,7 @@ from lib.training import (
     evaluation_table,
     find_resume_checkpoint,
     gathered_for_evaluation,
+    load_process_state,
     prepare_reference,
     push_to_hub,
     resolve_game_sets,
@@ -135,9 +139,6 @@ from lib.value_head import (
     freeze_lower_layers,
     response_logits,
 )
-
-# Added to the env seed on resume so a resumed run does not replay the game order of the first iterations.
-RESUME_SEED_STRIDE = 1_000
 
 
 @dataclass
@@ -158,10 +159,11 @@ class RunArguments:
     report_to: str = field(default="tensorboard", metadata={"help": f"Tracker: {', '.join(TRACKERS)}."})
     push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the final model and the rollout dataset to."})
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
+    eval_every: int = field(default=2, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
     eval_episodes: int = field(default=12, metadata={"help": "Episodes per evaluation (0: no evaluation)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
+    max_nonfinite_updates: int = field(default=3, metadata={"help": "Stop after this many updates in a row skipped for a NaN or inf in the loss, gradient, rewards or advantages."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
 
@@ -208,7 +210,7 @@ def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments,
         "max_episode_steps": run.max_episode_steps, "ppo_epochs": ppo.ppo_epochs, "num_minibatches": ppo.num_minibatches,
         "gradient_accumulation_steps": ppo.gradient_accumulation_steps, "learning_rate": ppo.learning_rate,
         "clip_range": ppo.clip_range, "clip_range_value": ppo.clip_range_value, "max_grad_norm": ppo.max_grad_norm,
-        "kl_horizon": ppo.kl_horizon,
+        "kl_horizon": ppo.kl_horizon, "max_nonfinite_updates": run.max_nonfinite_updates,
     }
     for name, value in positive.items():
         if not value > 0:
@@ -269,7 +271,7 @@ def model_card(run: RunArguments, iteration: int, evals: dict, action_mode: str)
         *evaluation_table(evals),
     ]
     play = f"python play.py --agent model --model_name_or_path {run.output_dir}"
-    lines += ["", "```bash", play + (" --action_mode score" if action_mode == "score" else ""), "```", ""]
+    lines += ["", "```bash", play + (" --action_mode generate" if action_mode == "generate" else ""), "```", ""]
     return "\n".join(lines)
 
 
@@ -279,12 +281,15 @@ def main(argv: list[str]) -> None:
         run, ppo, model_args, rollout_args = parse_arguments(ALL_ARGUMENTS, argv)
         check_arguments(run, ppo, model_args, rollout_args, int(os.environ.get("WORLD_SIZE", "1")))
         check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
+        arguments = {k: v for group in (run, ppo, model_args, rollout_args) for k, v in asdict(group).items()}
         resume_folder = find_resume_checkpoint(
-            run.resume_from_checkpoint, run.output_dir, "iteration", run.num_iterations, "--num_iterations"
+            run.resume_from_checkpoint, run.output_dir, "iteration", run.num_iterations, "--num_iterations", arguments,
+            int(os.environ.get("WORLD_SIZE", "1")),
         )
     except ValueError as error:
         sys.exit(f"error: {error}")
 
+    run_started = time.time()
     # Models: policy + value head as one module; the reference is a frozen copy of the starting policy. Built before
     # the Accelerator: once a ZeRO-3 launch has set up DeepSpeed, the copy's weights end up emptied with the policy's.
     set_seed(run.seed)
@@ -303,7 +308,6 @@ def main(argv: list[str]) -> None:
     accelerator = build_accelerator(ppo.gradient_accumulation_steps, run.report_to, run.output_dir)
     world_size, rank = accelerator.num_processes, accelerator.process_index
     output_dir = Path(run.output_dir)
-    arguments = {k: v for group in (run, ppo, model_args, rollout_args) for k, v in asdict(group).items()}
 
     # From here on each process samples differently, the same way on every rerun.
     set_seed(run.seed, device_specific=True)
@@ -339,13 +343,26 @@ def main(argv: list[str]) -> None:
     kl_controller = (
         AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
     )
-    accelerator.register_for_checkpointing(kl_controller)
-    trainer_state = {"iteration": 0, "env_steps": 0, "episodes": 0, "evals": {}}
+    # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
+    # The KL controller lives here, in JSON: accelerate would pickle a registered object and unpickle it on resume.
+    trainer_state = {"iteration": 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": [],
+                     "kl_controller": kl_controller.state_dict()}
     if resume_folder is not None:
         accelerator.load_state(str(resume_folder / TRAINING_STATE_DIR))
+        for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
+            group["lr"] = ppo.learning_rate
         trainer_state = json.loads((resume_folder / TRAINER_STATE_FILE).read_text())
+        kl_controller.load_state_dict(trainer_state["kl_controller"])
         accelerator.print(f"resumed from {resume_folder} at iteration {trainer_state['iteration']}")
     start_iteration = trainer_state["iteration"] + 1
+    wall_time_before = trainer_state["wall_time_s"]
+
+    def record_evaluation(report: dict | None) -> None:
+        if report:
+            trainer_state["eval_history"].append(
+                {"iteration": trainer_state["iteration"], "env_steps": trainer_state["env_steps"],
+                 **{key: report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}}
+            )
 
     if run.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
@@ -370,12 +387,11 @@ def main(argv: list[str]) -> None:
                 prompt_config(rollout_args), tokenizer, run.seed,
             )
         accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
+        record_evaluation(evals["before"])
         accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
 
-    env = BatchEnv(
-        train_games, per_process_envs, run.max_episode_steps, shuffle=True,
-        seed=run.seed + RESUME_SEED_STRIDE * (start_iteration - 1), rank=rank, world_size=world_size,
-    )
+    env = BatchEnv(train_games, per_process_envs, run.max_episode_steps, shuffle=True, seed=run.seed, rank=rank,
+                   world_size=world_size)
     if score_mode:
         collector = ScoringRolloutCollector(
             env, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args), reward_config(rollout_args),
@@ -386,6 +402,9 @@ def main(argv: list[str]) -> None:
             env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_config(rollout_args),
             generate_kwargs, accelerator.autocast,
         )
+    if resume_folder is not None:  # the games continue where the checkpoint left them
+        collector.load_state_dict(load_process_state(resume_folder, rank)["rollout"])
+    guard = NonFiniteGuard(accelerator, run.max_nonfinite_updates)
     temperature = rollout_args.temperature
     pad_id = tokenizer.pad_token_id
     device = accelerator.device
@@ -426,9 +445,11 @@ def main(argv: list[str]) -> None:
         started = time.time()
         model.train()
         totals: dict[str, float] = {}
-        num_micro_batches, num_optimizer_steps, update_tokens = 0, 0, 0
+        num_micro_batches, num_optimizer_steps, update_tokens = 0, 0, 0  # micro-batches with a finite loss
         width = mask.shape[1]
-        for _ in range(ppo.ppo_epochs):
+        where = f"iteration {iteration}"
+        finite_batch = guard.finite_batch([batch["rewards"], batch["values"], batch["logprobs"], advantages, returns], where)
+        for _ in range(ppo.ppo_epochs if finite_batch else 0):
             order = torch.randperm(batch_size)
             for micro_start in range(0, batch_size, micro_batch_size):
                 index = order[micro_start : micro_start + micro_batch_size]
@@ -465,16 +486,18 @@ def main(argv: list[str]) -> None:
                             advantages[index].to(device), returns[index].to(device), ppo.clip_range, ppo.clip_range_value,
                             ppo.vf_coef, ppo.ent_coef, ref_logits, ppo.kl_loss_coef, ppo.kl_direction,
                         )
-                    accelerator.backward(loss)
+                    finite = guard.finite_loss(loss)
+                    if finite:
+                        accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(trainable, ppo.max_grad_norm)
-                        totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
-                        num_optimizer_steps += 1
-                    optimizer.step()
-                    optimizer.zero_grad()
-                for key, value in stats.items():
-                    totals[key] = totals.get(key, 0.0) + float(value)
-                num_micro_batches += 1
+                        if guard.step(optimizer, grad_norm, where):
+                            totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
+                            num_optimizer_steps += 1
+                if finite:
+                    for key, value in stats.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                    num_micro_batches += 1
         model.eval()
         update_time = time.time() - started
 
@@ -490,14 +513,17 @@ def main(argv: list[str]) -> None:
             dtype=torch.float64, device=device,
         )
         sums = accelerator.reduce(episode_sums, "sum").tolist()
+        def average(key: str) -> float:  # NaN when every micro-batch was skipped
+            return totals.get(key, math.nan) / max(num_micro_batches, 1)
+
         local = {
-            "objective/entropy": totals["entropy"] / num_micro_batches,
-            "losses/policy_loss": totals["policy_loss"] / num_micro_batches,
-            "losses/value_loss": totals["value_loss"] / num_micro_batches,
-            "losses/kl_loss": totals["kl_loss"] / num_micro_batches,
-            "losses/approx_kl": totals["approx_kl"] / num_micro_batches,
-            "losses/clipfrac": totals["clipfrac"] / num_micro_batches,
-            "losses/value_clipfrac": totals["value_clipfrac"] / num_micro_batches,
+            "objective/entropy": average("entropy"),
+            "losses/policy_loss": average("policy_loss"),
+            "losses/value_loss": average("value_loss"),
+            "losses/kl_loss": average("kl_loss"),
+            "losses/approx_kl": average("approx_kl"),
+            "losses/clipfrac": average("clipfrac"),
+            "losses/value_clipfrac": average("value_clipfrac"),
             "losses/grad_norm": totals.get("grad_norm", 0.0) / max(num_optimizer_steps, 1),
             "losses/explained_variance": float(explained_variance(batch["values"], returns, mask).nan_to_num(0.0)),
             "objective/reward": float(batch["rewards"].mean()),
@@ -513,6 +539,7 @@ def main(argv: list[str]) -> None:
         metrics.update({
             "objective/kl": mean_kl,
             "objective/kl_coef": kl_controller.value,
+            "losses/skipped_updates": guard.skipped,
             "charts/invalid_rate": sums[5] / sums[6],
             "charts/env_steps": trainer_state["env_steps"],
             "perf/env_steps_per_s": sums[6] / iteration_time,
@@ -533,6 +560,7 @@ def main(argv: list[str]) -> None:
 
         # ---- periodic evaluation and checkpoint
         trainer_state["iteration"] = iteration
+        trainer_state["kl_controller"] = kl_controller.state_dict()
         last = iteration == run.num_iterations
         if run.eval_every and iteration % run.eval_every == 0 and not last:
             started = time.time()
@@ -543,6 +571,7 @@ def main(argv: list[str]) -> None:
                 )
             metrics.update(eval_metrics(report))
             metrics["perf/eval_s"] = time.time() - started
+            record_evaluation(report)
         accelerator.log(metrics, step=iteration)
         bar.set_postfix({
             "reward": f"{metrics['objective/reward']:.3f}",
@@ -553,9 +582,11 @@ def main(argv: list[str]) -> None:
             "sps": f"{metrics['perf/env_steps_per_s']:.2f}",
         })
         if run.save_every and iteration % run.save_every == 0 and not last:
+            trainer_state["wall_time_s"] = wall_time_before + time.time() - run_started
             checkpoint = save_checkpoint(
                 accelerator, model, tokenizer, output_dir, iteration, trainer_state,
                 model_card(run, iteration, evals, rollout_args.action_mode), arguments, run.save_total_limit,
+                {"rollout": collector.state_dict()},
             )
     bar.close()
     env.close()
@@ -568,10 +599,12 @@ def main(argv: list[str]) -> None:
             prompt_config(rollout_args), tokenizer, run.seed,
         )
     accelerator.log({**eval_metrics(evals["after"]), "perf/eval_s": time.time() - started}, step=run.num_iterations)
+    record_evaluation(evals["after"])
+    trainer_state["wall_time_s"] = wall_time_before + time.time() - run_started
     card = model_card(run, run.num_iterations, evals, rollout_args.action_mode)
     checkpoint = save_checkpoint(
         accelerator, model, tokenizer, output_dir, trainer_state["iteration"], trainer_state, card, arguments,
-        run.save_total_limit,
+        run.save_total_limit, {"rollout": collector.state_dict()},
     )
     save_final_model(accelerator, model, tokenizer, output_dir, card, arguments)
     if run.push_to_hub and accelerator.is_main_process:
@@ -587,4 +620,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
+        sys.exit(f"error: {error}")

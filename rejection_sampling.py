@@ -76,6 +76,8 @@ from lib.training import (
     LOG_DIR,
     TRAINER_STATE_FILE,
     TRAINING_STATE_DIR,
+    NonFiniteError,
+    NonFiniteGuard,
     build_accelerator,
     build_optimizer,
     check_output_dir,
@@ -123,6 +125,7 @@ class RunArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir); training goes on at the next round."})
     eval_episodes: int = field(default=12, metadata={"help": "Held-out episodes per evaluation, before training and after every round (0: none)."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
+    max_nonfinite_updates: int = field(default=3, metadata={"help": "Stop after this many optimizer steps in a row skipped for a NaN or inf loss or gradient."})
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 
@@ -163,6 +166,7 @@ def check_arguments(run: RunArguments, selection: SelectionArguments, finetune: 
         "max_episode_steps": run.max_episode_steps, "num_train_epochs": finetune.num_train_epochs,
         "learning_rate": finetune.learning_rate, "train_batch_size": finetune.train_batch_size,
         "gradient_accumulation_steps": finetune.gradient_accumulation_steps, "max_grad_norm": finetune.max_grad_norm,
+        "max_nonfinite_updates": run.max_nonfinite_updates,
     }
     for name, value in positive.items():
         if not value > 0:
@@ -251,15 +255,17 @@ def rank_turns(turns: list[dict], selection: SelectionArguments) -> tuple[Select
     return chosen, episode_returns
 
 
-def model_card(run: RunArguments, round_: int, evals: dict) -> str:
+def model_card(run: RunArguments, round_: int, evals: dict, action_mode: str) -> str:
     lines = [
         "---", "library_name: transformers", "tags: [textworld, rejection-sampling, expert-iteration]", "---", "",
         f"# Rejection sampling on TextWorld ({round_} rounds)", "",
         f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` on games `{run.train_games}`: each "
         "round plays episodes with the policy, keeps the best and fine-tunes on their commands.", "",
-        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy decoding):", "",
+        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy {'choice among the admissible commands' if action_mode == 'score' else 'decoding'}):", "",
         *evaluation_table(evals),
-        "", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", "",
+        "", "```bash",
+        f"python play.py --agent model --model_name_or_path {run.output_dir}" + (" --action_mode generate" if action_mode == "generate" else ""),
+        "```", "",
     ]
     return "\n".join(lines)
 
@@ -270,10 +276,13 @@ def main(argv: list[str]) -> None:
         run, selection, finetune, rollout_args = parse_arguments(ALL_ARGUMENTS, argv)
         check_arguments(run, selection, finetune, rollout_args, int(os.environ.get("WORLD_SIZE", "1")))
         check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
-        resume_folder = find_resume_checkpoint(run.resume_from_checkpoint, run.output_dir, "round", run.num_rounds, "--num_rounds")
+        arguments = {k: v for group in (run, selection, finetune, rollout_args) for k, v in asdict(group).items()}
+        resume_folder = find_resume_checkpoint(run.resume_from_checkpoint, run.output_dir, "round", run.num_rounds,
+                                               "--num_rounds", arguments, int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as error:
         sys.exit(f"error: {error}")
 
+    run_started = time.time()
     # The reference is a frozen copy of the starting policy, built only when a KL term needs it (it costs a model's
     # memory), and before the Accelerator: once a ZeRO-3 launch has set up DeepSpeed, a copy's weights end up empty.
     set_seed(run.seed)
@@ -289,7 +298,6 @@ def main(argv: list[str]) -> None:
     accelerator = build_accelerator(finetune.gradient_accumulation_steps, run.report_to, run.output_dir)
     world_size, rank = accelerator.num_processes, accelerator.process_index
     output_dir = Path(run.output_dir)
-    arguments = {k: v for group in (run, selection, finetune, rollout_args) for k, v in asdict(group).items()}
 
     # From here on each process samples differently, the same way on every rerun.
     set_seed(run.seed, device_specific=True)
@@ -321,12 +329,24 @@ def main(argv: list[str]) -> None:
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.zero_stage == 3
 
-    trainer_state = {"round": 0, "env_steps": 0, "episodes": 0, "evals": {}}
+    # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
+    trainer_state = {"round": 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
     if resume_folder is not None:
         accelerator.load_state(str(resume_folder / TRAINING_STATE_DIR))
+        for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
+            group["lr"] = finetune.learning_rate
         trainer_state = json.loads((resume_folder / TRAINER_STATE_FILE).read_text())
         accelerator.print(f"resumed from {resume_folder} at round {trainer_state['round']}")
     start_round = trainer_state["round"] + 1
+    wall_time_before = trainer_state["wall_time_s"]
+    guard = NonFiniteGuard(accelerator, run.max_nonfinite_updates)
+
+    def record_evaluation(report: dict | None) -> None:
+        if report:
+            trainer_state["eval_history"].append(
+                {"round": trainer_state["round"], "env_steps": trainer_state["env_steps"],
+                 **{key: report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}}
+            )
 
     if run.report_to != "none":
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
@@ -356,6 +376,7 @@ def main(argv: list[str]) -> None:
         started = time.time()
         evals["before"] = evaluate_held_out(greedy_agent)
         accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
+        record_evaluation(evals["before"])
         accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
 
     bar = tqdm(
@@ -432,16 +453,18 @@ def main(argv: list[str]) -> None:
                                 logits, packed["response_ids"].to(device), packed["response_mask"].to(device), ref_logits,
                                 finetune.kl_coef, finetune.kl_direction,
                             )
-                            accelerator.backward(loss)
+                            finite = guard.finite_loss(loss)
+                            if finite:
+                                accelerator.backward(loss)
                             if accelerator.sync_gradients:
                                 grad_norm = accelerator.clip_grad_norm_(trainable, finetune.max_grad_norm)
-                                totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
-                                num_optimizer_steps += 1
-                            optimizer.step()
-                            optimizer.zero_grad()
-                        for key, value in stats.items():
-                            totals[key] = totals.get(key, 0.0) + float(value)
-                        num_micro_batches += 1
+                                if guard.step(optimizer, grad_norm, f"round {round_}"):
+                                    totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
+                                    num_optimizer_steps += 1
+                        if finite:
+                            for key, value in stats.items():
+                                totals[key] = totals.get(key, 0.0) + float(value)
+                            num_micro_batches += 1
             model.eval()
             train_time = time.time() - started
 
@@ -463,10 +486,11 @@ def main(argv: list[str]) -> None:
             "selection/objective_mean": sum(t["objective"] for t in turns) / len(turns),
             "perf/play_s": play_time,
             "perf/env_steps_per_s": len(turns) / max(play_time, 1e-9),
+            "losses/skipped_updates": guard.skipped,
         }
         if kept:
             metrics["selection/kept_objective_mean"] = sum(t["objective"] for t in kept) / len(kept)
-            local = {f"losses/{key}": value / num_micro_batches for key, value in totals.items() if key != "grad_norm"}
+            local = {f"losses/{key}": value / max(num_micro_batches, 1) for key, value in totals.items() if key != "grad_norm"}
             local["losses/grad_norm"] = totals.get("grad_norm", 0.0) / max(num_optimizer_steps, 1)
             local["perf/train_s"] = train_time
             local["perf/tokens_per_s"] = train_tokens / max(train_time, 1e-9)
@@ -475,6 +499,8 @@ def main(argv: list[str]) -> None:
         started = time.time()
         evals[f"round {round_}"] = evaluate_held_out(greedy_agent)
         metrics.update({**eval_metrics(evals[f"round {round_}"]), "perf/eval_s": time.time() - started})
+        record_evaluation(evals[f"round {round_}"])
+        trainer_state["wall_time_s"] = wall_time_before + time.time() - run_started
         accelerator.log(metrics, step=round_)
         bar.set_postfix({
             "return": f"{metrics['charts/episodic_return']:.2f}",
@@ -483,13 +509,13 @@ def main(argv: list[str]) -> None:
             "eval": f"{metrics.get('eval/normalized_score', float('nan')):.3f}",
         })
         checkpoint = save_checkpoint(
-            accelerator, model, tokenizer, output_dir, round_, trainer_state, model_card(run, round_, evals), arguments,
+            accelerator, model, tokenizer, output_dir, round_, trainer_state, model_card(run, round_, evals, rollout_args.action_mode), arguments,
             run.save_total_limit,
         )
     bar.close()
 
     # ---- final model, hub, summary
-    card = model_card(run, run.num_rounds, evals)
+    card = model_card(run, run.num_rounds, evals, rollout_args.action_mode)
     save_final_model(accelerator, model, tokenizer, output_dir, card, arguments)
     if run.push_to_hub and accelerator.is_main_process:
         push_to_hub(run.push_to_hub, output_dir, load_rollouts(output_dir, prefix=ROUND_PREFIX))
@@ -502,4 +528,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
+        sys.exit(f"error: {error}")

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from lib.generation import GenerationConfig
 from lib.prompts import PROMPT_FORMATS, PromptConfig
@@ -19,7 +20,9 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "t
 
 @dataclass
 class RolloutArguments:
-    action_mode: str = field(default="generate", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
+    # score, not generate: at the default budget on a CPU only scoring beats the random-admissible baseline
+    # (README "Results"); generate mode spends its first iterations learning to write a command at all.
+    action_mode: str = field(default="score", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
     max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (examine/look/inventory are dropped first)."})
     length_normalize: bool = field(default=ScoringConfig.length_normalize, metadata={"help": "Score mode: a command's score is the mean of its tokens' log-probs instead of the sum."})
     max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
@@ -97,21 +100,30 @@ def check_push_to_hub(repo_id: str | None) -> None:
 
 
 def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
-    """One instance per dataclass, from command-line flags or from a single YAML file argument."""
+    """One instance per dataclass, from command-line flags, or from a YAML file given first (its keys are flag names)
+    followed by flags that override it."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        if not os.path.isfile(argv[0]):
-            raise ValueError(f"config file not found: {argv[0]}; check the path, or pass the flags on the command line")
-        import yaml
-
-        try:
-            return parser.parse_yaml_file(os.path.abspath(argv[0]))
-        except yaml.YAMLError as error:
-            problem = " ".join(str(error).split())
-            raise ValueError(f"config file {argv[0]} is not valid YAML ({problem}); fix its syntax") from None
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = yaml_flags(argv[0]) + argv[1:]
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown flag(s) or argument(s) {' '.join(unknown)}; see --help for the flags")
     return tuple(parsed)
+
+
+def yaml_flags(path: str) -> list[str]:
+    """A YAML file of `flag_name: value` lines as command-line flags."""
+    if not os.path.isfile(path):
+        raise ValueError(f"config file not found: {path}; check the path, or pass the flags on the command line")
+    import yaml
+
+    try:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as error:
+        problem = " ".join(str(error).split())
+        raise ValueError(f"config file {path} is not valid YAML ({problem}); fix its syntax") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must hold `flag_name: value` lines, not a {type(values).__name__}")
+    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]

@@ -5,6 +5,11 @@ reshuffled by the seed every pass when `shuffle`), handed to slots in slot order
 and the same finishing pattern give the same games. A finished episode is reset onto the next one at once (auto-
 reset); with `num_episodes` set, a slot whose episodes ran out goes idle (its state is None).
 
+`state_dict()` is the position of every slot as plain data (episode counter, each slot's episode and the commands
+it has sent so far); `load_state_dict` on a fresh BatchEnv of the same games and seed restarts each game and
+replays those commands, which puts a deterministic game back exactly where it was: a resumed training run then
+continues the episodes of the interrupted one.
+
 Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each
 slot to move on alone; and a worker that dies or hangs must be replaced without losing the others.
 """
@@ -198,6 +203,7 @@ class BatchEnv:
         self._next_episode = 0
         self._assigned: list[tuple[int, str] | None] = [None] * num_envs
         self._states: list[GameState | None] = [None] * num_envs
+        self._commands: list[list[str]] = [[] for _ in range(num_envs)]  # sent in each slot's current episode
         context = mp.get_context("forkserver")
         context.set_forkserver_preload(["textworld"])
         self._workers = [_Worker(context) for _ in range(num_envs)]
@@ -227,6 +233,10 @@ class BatchEnv:
         """Start the next episode in each slot (in slot order, for determinism); idle when none are left."""
         for slot in slots:
             self._assigned[slot] = self._take_episode()
+        self._start_games(slots)
+
+    def _start_games(self, slots: list[int]) -> None:
+        """Start each slot's assigned game from the beginning (idle slots: state None)."""
         pending = [s for s in slots if self._assigned[s] is not None]
         for slot in pending:
             self._workers[slot].send("reset", self._assigned[slot][1])
@@ -241,6 +251,7 @@ class BatchEnv:
                 packed = self._workers[slot].receive(self.step_timeout)
             self._states[slot] = self._state(slot, packed, 0)
         for slot in slots:
+            self._commands[slot] = []
             if self._assigned[slot] is None:
                 self._states[slot] = None
 
@@ -253,6 +264,44 @@ class BatchEnv:
     @property
     def states(self) -> list[GameState | None]:
         return list(self._states)
+
+    def state_dict(self) -> dict:
+        """Where every slot stands, as JSON-ready data."""
+        return {
+            "games": self.games, "seed": self.seed, "next_episode": self._next_episode,
+            "assigned": [list(assigned) if assigned else None for assigned in self._assigned],
+            "commands": [list(commands) for commands in self._commands],
+        }
+
+    def load_state_dict(self, state: dict) -> list[GameState | None]:
+        """Put every slot back where `state_dict()` left it (restart its game, replay its commands); returns the
+        states. Raises ValueError when the state belongs to other games, another seed or another number of slots."""
+        if state["games"] != self.games or state["seed"] != self.seed or len(state["assigned"]) != self.num_envs:
+            raise ValueError(
+                f"the saved environment state is for {len(state['assigned'])} slots over {len(state['games'])} games "
+                f"with seed {state['seed']}, not {self.num_envs} slots over {len(self.games)} games with seed "
+                f"{self.seed}: resume with the flags of the interrupted run"
+            )
+        self._order = []
+        self._next_episode = state["next_episode"]
+        self._assigned = [tuple(assigned) if assigned else None for assigned in state["assigned"]]
+        self._start_games(list(range(self.num_envs)))
+        for step in range(max(map(len, state["commands"]), default=0)):
+            commands = [slot_commands[step] if step < len(slot_commands) else None for slot_commands in state["commands"]]
+            self._replay(commands)
+        return list(self._states)
+
+    def _replay(self, commands: list[str | None]) -> None:
+        """Send one command to the slots that have one, without ending episodes (they were mid-episode)."""
+        slots = [s for s, command in enumerate(commands) if command is not None]
+        for slot in slots:
+            self._workers[slot].send("step", commands[slot])
+        for slot in slots:
+            packed = self._workers[slot].receive(self.step_timeout)
+            if packed is None:
+                raise RuntimeError(f"game {self._assigned[slot][1]} crashed while replaying its saved commands")
+            self._states[slot] = self._state(slot, packed, self._states[slot].steps + 1)
+            self._commands[slot].append(commands[slot])
 
     def step(self, commands: list[str | None]) -> list[StepResult | None]:
         if len(commands) != self.num_envs:
@@ -289,6 +338,7 @@ class BatchEnv:
                 invalid=commands[slot] not in before.admissible_commands,
             )
             self._states[slot] = after
+            self._commands[slot].append(commands[slot])
             if terminated or truncated:
                 finished.append(slot)
         self._reset_slots(finished)

@@ -17,6 +17,8 @@ DEFAULT_MODEL = "packaged:SmolLM2-135M-Instruct"
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHECKPOINTS_DIR = "checkpoints"
+# Any of these in a model folder means it carries a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class ModelError(ValueError):
@@ -75,10 +77,15 @@ def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     source, gguf_file = resolve_model(name)
+    if gguf_file is None and Path(source).is_dir() and not any((Path(source) / f).exists() for f in TOKENIZER_FILES):
+        raise ModelError(
+            f"--model_name_or_path {name} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): save the tokenizer into "
+            "that folder (tokenizer.save_pretrained) or pass a folder that has one"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a tokenizer from {name!r}: {error}".strip()) from error
+        raise ModelError(f"cannot load a tokenizer from {name!r}: {' '.join(str(error).split())}") from error
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"the tokenizer of {name!r} has neither a pad nor an EOS token; add one to it")
@@ -100,7 +107,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | 
             source, gguf_file=gguf_file, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as error:
-        raise ModelError(f"cannot load a causal LM from {name!r}: {error}".strip()) from error
+        raise ModelError(f"cannot load a causal LM from {name!r}: {' '.join(str(error).split())}") from error
     if gguf_file is not None or getattr(model.config, "quantization_config", None) is not None:
         model = _plain_copy(model, DTYPES[dtype])
     return model.to(device)

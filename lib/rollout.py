@@ -35,7 +35,8 @@ Every forward is one call per step whatever happens in the games, so all process
 gathers parameters collectively in each one).
 
 Histories (list of lib.prompts.Turn per slot) and the env's episodes persist across `collect` calls: the env is
-never reset between iterations; a slot's history is cleared when its episode ends.
+never reset between iterations; a slot's history is cleared when its episode ends. `state_dict()` holds all of it
+as JSON-ready data (with the env's, see lib/env.py) for a checkpoint; `load_state_dict` continues from there.
 
 Rollout dataset: one row per turn, one `datasets` folder per iteration under `output_dir/rollouts/iteration-NNNNN`
 (written under a temporary name, then renamed, so a crash never leaves half an iteration; rejection_sampling.py
@@ -52,7 +53,7 @@ import contextlib
 import math
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -197,6 +198,18 @@ class RolloutCollector:
         self.states: list[GameState] = env.reset()
         self.histories: list[list[Turn]] = [[] for _ in self.states]
         self.returns = [0.0 for _ in self.states]
+
+    def state_dict(self) -> dict:
+        return {
+            "env": self.env.state_dict(),
+            "histories": [[asdict(turn) for turn in history] for history in self.histories],
+            "returns": list(self.returns),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.states = self.env.load_state_dict(state["env"])
+        self.histories = [[Turn(**turn) for turn in history] for history in state["histories"]]
+        self.returns = list(state["returns"])
 
     def prompt(self, state: GameState, history: list[Turn]) -> str:
         observation = clean_observation(state.observation, state.objective)

@@ -11,6 +11,7 @@ lib/rollout.py); runs/ (tracker logs).
 import contextlib
 import copy
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -30,6 +31,25 @@ TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 LOG_DIR = "runs"
+# Flags a resumed run may change; any other must equal the interrupted run's, or it would not continue that run.
+RESUMABLE_CHANGES = frozenset({
+    "num_iterations", "num_rounds", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "eval_every",
+    "eval_episodes", "save_every", "save_total_limit", "progress", "report_to", "push_to_hub", "games_dir",
+    "learning_rate", "max_grad_norm", "max_nonfinite_updates",
+})
+
+
+def machine_description() -> str:
+    """`CPU model, N cores, GPU name xK` (or `no GPU`): the machine column of results and benchmark tables."""
+    import platform
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = f"{torch.cuda.get_device_name(0)} x{torch.cuda.device_count()}" if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}"
 
 
 def build_accelerator(gradient_accumulation_steps: int, report_to: str, output_dir: str) -> Accelerator:
@@ -83,12 +103,72 @@ def build_optimizer(accelerator, parameters: list, learning_rate: float, micro_b
     return torch.optim.AdamW(parameters, lr=learning_rate)
 
 
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row had a NaN or inf."""
+
+
+class NonFiniteGuard:
+    """Skips updates that meet a NaN or inf, the same decision on every process, and stops the run after `limit`
+    skipped updates in a row (raising NonFiniteError): a diverged run is stopped before it checkpoints garbage.
+
+    Per optimizer step: `finite_loss(loss)` before each micro-batch's backward (a False answer: skip that backward),
+    then `step(optimizer, grad_norm, where)` at the gradient-sync boundary instead of optimizer.step().
+    Per batch: `finite_batch(tensors, where)` before the update (a False answer: skip the whole update).
+    """
+
+    def __init__(self, accelerator, limit: int):
+        self.accelerator = accelerator
+        self.limit = limit
+        self.streak = 0  # skipped updates in a row
+        self.skipped = 0  # in all
+        self._poisoned = False  # a micro-batch of the current optimizer step had a non-finite loss
+
+    def _everywhere(self, finite: bool) -> bool:
+        flags = torch.tensor([0.0 if finite else 1.0], device=self.accelerator.device)
+        return float(self.accelerator.reduce(flags, "sum")) == 0.0
+
+    def finite_batch(self, tensors: list[torch.Tensor], where: str) -> bool:
+        finite = self._everywhere(all(bool(torch.isfinite(t).all()) for t in tensors))
+        if not finite:
+            self._skip(f"NaN or inf in the rewards, values or advantages of {where}: update skipped")
+        return finite
+
+    def finite_loss(self, loss: torch.Tensor) -> bool:
+        finite = self._everywhere(bool(torch.isfinite(loss.detach()).all()))
+        self._poisoned |= not finite
+        return finite
+
+    def step(self, optimizer, grad_norm, where: str) -> bool:
+        """Step the optimizer unless a loss of this step or the gradient norm was NaN or inf; True when it stepped."""
+        finite = not self._poisoned and (grad_norm is None or math.isfinite(float(grad_norm)))
+        self._poisoned = False
+        if finite:
+            self.streak = 0
+            optimizer.step()
+        else:
+            self._skip(f"NaN or inf in the loss or gradient at {where}: optimizer step skipped")
+        optimizer.zero_grad()
+        return finite
+
+    def _skip(self, message: str) -> None:
+        self.streak += 1
+        self.skipped += 1
+        self.accelerator.print(f"warning: {message} ({self.streak} in a row)")
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"{self.streak} updates in a row met a NaN or inf ({message}); stopped before saving. Lower "
+                "--learning_rate or --max_grad_norm, check the reward chain, and resume from the last checkpoint "
+                "with --resume_from_checkpoint latest"
+            )
+
+
 def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, step_key: str, last_step: int,
-                           last_step_flag: str) -> Path | None:
+                           last_step_flag: str, arguments: dict, world_size: int) -> Path | None:
     """The checkpoint folder `--resume_from_checkpoint` names (`latest`: the newest in output_dir), or None.
 
     Its trainer_state.json must hold `step_key` (the script's step: iteration, round) below `last_step`, the value of
-    `last_step_flag`; raises ValueError naming the flag otherwise.
+    `last_step_flag`; it must come from a run with the same flags (`arguments`) but those in RESUMABLE_CHANGES, and
+    the same number of processes. Raises ValueError naming the flag otherwise.
     """
     if resume_from_checkpoint is None:
         return None
@@ -107,7 +187,28 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
         raise ValueError(f"--resume_from_checkpoint {folder}: written by another script (no {step_key!r} in {TRAINER_STATE_FILE})")
     if state[step_key] >= last_step:
         raise ValueError(f"{last_step_flag} {last_step}: {folder} already finished {step_key} {state[step_key]}; raise it to continue")
+    saved = json.loads((folder / ARGS_FILE).read_text()) if (folder / ARGS_FILE).is_file() else {}
+    changed = [key for key in arguments if key not in RESUMABLE_CHANGES and key in saved and saved[key] != arguments[key]]
+    if changed:
+        raise ValueError(
+            f"--resume_from_checkpoint {folder} was written with "
+            + ", ".join(f"--{key} {saved[key]}" for key in changed) + "; this run has "
+            + ", ".join(f"--{key} {arguments[key]}" for key in changed)
+            + f": resume with the interrupted run's flags (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+        )
+    if state.get("num_processes", world_size) != world_size:
+        raise ValueError(f"--resume_from_checkpoint {folder} was written by {state['num_processes']} processes, this "
+                         f"launch has {world_size}: resume with the same number of processes")
     return folder
+
+
+def process_state_file(folder: Path, rank: int) -> Path:
+    return folder / f"process_state-{rank}.json"
+
+
+def load_process_state(folder: Path, rank: int) -> dict:
+    """What save_checkpoint wrote for this process (its environments and histories), as data."""
+    return json.loads(process_state_file(folder, rank).read_text())
 
 
 def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
@@ -216,9 +317,10 @@ def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, 
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict,
-                    card: str, arguments: dict, keep: int) -> Path:
+                    card: str, arguments: dict, keep: int, process_state: dict | None = None) -> Path:
     """checkpoints/checkpoint-STEP written under a temporary name and renamed, so a crash leaves no half checkpoint;
-    only the `keep` newest stay (0: all)."""
+    only the `keep` newest stay (0: all). `process_state`: this process's own JSON-ready state (its games, ...),
+    written as process_state-RANK.json."""
     folder = output_dir / CHECKPOINTS_DIR / f"checkpoint-{step}"
     temporary = folder.parent / f".tmp-{folder.name}"
     if accelerator.is_main_process:
@@ -227,9 +329,14 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards: every process must call it
     accelerator.save_state(str(temporary / TRAINING_STATE_DIR))
+    if process_state is not None:
+        process_state_file(temporary, accelerator.process_index).write_text(json.dumps(process_state))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
-        (temporary / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=2))
+        (temporary / TRAINER_STATE_FILE).write_text(
+            json.dumps({**trainer_state, "num_processes": accelerator.num_processes}, indent=2)
+        )
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(temporary, folder)

@@ -1,6 +1,7 @@
 """Bad inputs to the scripts, run as a user would: each exits non-zero within seconds (before any model is loaded)
 with one `error:` line that names the problem (the flag or the path) and the fix."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,11 @@ CASES = {
     "unknown reward name": (PPO, ["--reward", "score,bogus"], ["--reward", "'bogus'", "comma list of: score, win"], True),
     "unknown tracker": (PPO, ["--report_to", "nope"], ["--report_to 'nope' is unknown", "choose one of tensorboard"], True),
     "unknown action mode": (RS, ["--action_mode", "beam"], ["--action_mode 'beam' is unknown", "choose one of generate, score"], True),
+    "model folder without a tokenizer": (PPO, ["--model_name_or_path", "{tmp}/no_tokenizer"], ["--model_name_or_path {tmp}/no_tokenizer has no tokenizer", "tokenizer.save_pretrained"], True),
+    "resume from a checkpoint of other flags": (PPO, ["--resume_from_checkpoint", "{tmp}/other_flags"], ["{tmp}/other_flags was written with --num_envs 4", "this run has --num_envs 8", "resume with the interrupted run's flags"], True),
+    "resume with another number of processes": (RS, ["--resume_from_checkpoint", "{tmp}/two_processes"], ["written by 2 processes, this launch has 1", "same number of processes"], True),
+    "empty hub repo id": (RS, ["--push_to_hub", ""], ["--push_to_hub '' is not a repo id"], True),
+    "zero max_nonfinite_updates": (PPO, ["--max_nonfinite_updates", "0"], ["--max_nonfinite_updates must be positive"], True),
     "play: corrupt game file": (PLAY, ["--games", "{tmp}/garbage.z8", "--agent", "random"], ["--games", "{tmp}/garbage.z8", "corrupt"], False),
     "play: unknown agent": (PLAY, ["--agent", "nope"], ["--agent 'nope' is unknown", "choose one of random"], False),
 }
@@ -51,6 +57,13 @@ def write_bad_files(tmp: Path) -> None:
     (tmp / "empty").mkdir()
     (tmp / "bad.yaml").write_text("num_envs: [1, 2\nlearning_rate: 1e-5\n")
     (tmp / "a_file").write_text("not a folder\n")
+    (tmp / "no_tokenizer").mkdir()
+    (tmp / "no_tokenizer" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    for name, state, args in (("other_flags", {"iteration": 1}, {"num_envs": 4}),
+                              ("two_processes", {"round": 1, "num_processes": 2}, {})):
+        (tmp / name / "training_state").mkdir(parents=True)
+        (tmp / name / "trainer_state.json").write_text(json.dumps(state))
+        (tmp / name / "training_args.json").write_text(json.dumps(args))
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -74,3 +87,13 @@ def test_bad_input_fails_fast_naming_the_problem_and_the_fix(name, tmp_path):
         assert fill(text) in last, f"{fill(text)!r} not in {last!r}"
     assert elapsed < 30, f"took {elapsed:.1f} s: it should fail before loading a model or games"
     assert not (tmp_path / "games").exists()
+
+
+def test_a_missing_accelerate_config_is_named_by_the_launcher(tmp_path):
+    """`accelerate launch` itself refuses it, before our script starts."""
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "none.yaml"), PPO],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert f"configuration file `{tmp_path / 'none.yaml'}` does not exist" in result.stderr

@@ -8,11 +8,17 @@ import pytest
 from datasets import load_from_disk
 
 import play
-from lib.agents import HumanAgent, ModelAgent, RandomAgent, SessionEnded, WalkthroughAgent
+from lib.agents import (
+    HumanAgent,
+    ModelAgent,
+    RandomAgent,
+    SessionEnded,
+    WalkthroughAgent,
+)
 from lib.env import GameState, StepResult
 from lib.evaluation import (
-    evaluate,
     episode_record,
+    evaluate,
     format_report_table,
     merge_reports,
     rank_episodes,
@@ -271,8 +277,8 @@ def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeyp
     pushed = []
     monkeypatch.setattr(play.Dataset, "push_to_hub", lambda dataset, repo_id: pushed.append((repo_id, len(dataset))))
     out = tmp_path / "model"
-    code = play.main(["--agent", "model", "--model_name_or_path", tiny_model_path, "--games", ",".join(tiny_games),
-                      "--num_episodes", "3", "--max_episode_steps", "3", "--max_new_tokens", "4",
+    code = play.main(["--agent", "model", "--action_mode", "generate", "--model_name_or_path", tiny_model_path,
+                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_steps", "3", "--max_new_tokens", "4",
                       "--output_dir", str(out), "--push_to_hub", "someone/transcripts"])
     assert code == 0
     assert "all (model)" in capsys.readouterr().out

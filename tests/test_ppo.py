@@ -138,7 +138,7 @@ def tiny_run_args(tiny_model_path, tiny_games, output_dir, **overrides):
         "output_dir": str(output_dir), "num_envs": 2, "num_steps": 2, "num_minibatches": 2,
         "gradient_accumulation_steps": 1, "max_new_tokens": 4, "max_episode_steps": 3, "eval_episodes": 2,
         "trainable_layers_fraction": 0.5, "learning_rate": 1e-3, "progress": False, "report_to": "tensorboard",
-        **overrides,
+        "action_mode": "generate", **overrides,
     }
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 

@@ -208,7 +208,8 @@ def tiny_args(tiny_model_path, tiny_games, output_dir, **overrides):
         "model_name_or_path": tiny_model_path, "train_games": ",".join(tiny_games), "eval_games": ",".join(tiny_games),
         "output_dir": str(output_dir), "episodes_per_round": 4, "num_envs": 2, "max_episode_steps": 3,
         "eval_episodes": 2, "max_new_tokens": 4, "train_batch_size": 4, "learning_rate": 1e-3,
-        "trainable_layers_fraction": 0.5, "progress": False, "report_to": "none", **overrides,
+        "trainable_layers_fraction": 0.5, "progress": False, "report_to": "none", "action_mode": "generate",
+        **overrides,
     }
     return [item for key, value in flags.items() for item in (f"--{key}", str(value))]
 

@@ -182,7 +182,6 @@ def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsy
     "args, flag",
     [
         (["--action_mode", "beam"], "--action_mode"),
-        (["--agent", "random", "--action_mode", "score"], "--action_mode"),
         (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
         (["--action_mode", "score", "--do_sample", "--temperature", "0"], "temperature"),
     ],

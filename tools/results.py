@@ -1,0 +1,193 @@
+"""The README's Results: run its experiments, then build the tables and learning curves from their outputs.
+
+    python tools/results.py run default            # every experiment on the default games (~75 min on 2 CPU cores)
+    python tools/results.py run hard/ppo_score     # one experiment (set/name), or a whole set
+    python tools/results.py table                  # docs/results.md, docs/results.json, docs/curves_<set>.png
+
+Each experiment is one command line (below) writing to outputs/results/<set>/<name>/; `run` times it and writes
+result.json there (command, wall time, machine). `table` reads every result.json with its run's own report: play.py's
+report.json, or a trainer's last trainer_state.json (its final held-out evaluation, environment steps, and the
+evaluations along the way for the curves). An experiment that starts from another's model (`after`) counts that
+one's environment steps and wall time too. Every row is then the held-out eval split of its game set, with the same
+number of episodes and step limit for every agent of the set.
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lib.models import newest_checkpoint  # noqa: E402
+from lib.training import machine_description  # noqa: E402
+
+RESULTS_DIR = Path("outputs/results")
+RESULT_FILE = "result.json"
+
+# The eval protocol of each set: the trainers' defaults (or the set's YAML configs) use the same episodes and limit.
+EVAL = {
+    "default": "--num_episodes 12 --max_episode_steps 12",
+    "hard": "--games hard --num_episodes 16 --max_episode_steps 30",
+}
+# set -> name -> (command with {out} for the output folder, experiment it starts from or None, label)
+EXPERIMENTS = {
+    "default": {
+        "random": (f"python play.py --agent random {EVAL['default']} --output_dir {{out}}", None, "random admissible"),
+        "walkthrough": (f"python play.py --agent walkthrough {EVAL['default']} --output_dir {{out}}", None, "walkthrough"),
+        "zero_shot_generate": (f"python play.py --action_mode generate {EVAL['default']} --output_dir {{out}}", None,
+                               "zero-shot SmolLM2-135M, generate"),
+        "zero_shot_score": (f"python play.py {EVAL['default']} --output_dir {{out}}", None, "zero-shot SmolLM2-135M, score"),
+        "ppo_score": ("python ppo_textworld.py --output_dir {out}", None, "PPO, score (the quick start)"),
+        "ppo_generate": ("python ppo_textworld.py --action_mode generate --output_dir {out}", None, "PPO, generate"),
+        "rs_score": ("python rejection_sampling.py --output_dir {out}", None, "rejection sampling, score"),
+        "rs_then_ppo_score": ("python ppo_textworld.py --model_name_or_path outputs/results/default/rs_score "
+                              "--output_dir {out}", "rs_score", "rejection sampling, then PPO (score)"),
+    },
+    "hard": {
+        "random": (f"python play.py --agent random {EVAL['hard']} --output_dir {{out}}", None, "random admissible"),
+        "walkthrough": (f"python play.py --agent walkthrough {EVAL['hard']} --output_dir {{out}}", None, "walkthrough"),
+        "zero_shot_score": (f"python play.py {EVAL['hard']} --output_dir {{out}}", None, "zero-shot SmolLM2-135M, score"),
+        "ppo_score": ("python ppo_textworld.py configs/ppo_hard.yaml --output_dir {out}", None, "PPO, score"),
+    },
+}
+
+
+def selected(names: list[str]) -> list[tuple[str, str]]:
+    """`set` or `set/name` arguments -> [(set, name)], in the table's order; raises SystemExit on an unknown one."""
+    chosen = []
+    for item in names:
+        game_set, _, name = item.partition("/")
+        if game_set not in EXPERIMENTS or (name and name not in EXPERIMENTS[game_set]):
+            known = ", ".join(f"{s}/{n}" for s in EXPERIMENTS for n in EXPERIMENTS[s])
+            sys.exit(f"error: unknown experiment {item!r}; choose a set ({', '.join(EXPERIMENTS)}) or one of {known}")
+        chosen += [(game_set, n) for n in EXPERIMENTS[game_set] if not name or n == name]
+    return chosen
+
+
+def run(experiments: list[tuple[str, str]]) -> None:
+    for game_set, name in experiments:
+        command, after, _ = EXPERIMENTS[game_set][name]
+        out = RESULTS_DIR / game_set / name
+        if after and not (RESULTS_DIR / game_set / after / RESULT_FILE).exists():
+            sys.exit(f"error: {game_set}/{name} starts from {game_set}/{after}: run that one first")
+        if (ROOT / out).exists():
+            sys.exit(f"error: {out} exists: move it away to run {game_set}/{name} again")
+        command = command.format(out=out)
+        print(f"[{game_set}/{name}] {command}", flush=True)
+        started = time.time()
+        completed = subprocess.run(shlex.split(command), cwd=ROOT)
+        if completed.returncode != 0:
+            sys.exit(f"error: {game_set}/{name} failed (exit {completed.returncode}): {command}")
+        result = {"command": command, "wall_time_s": time.time() - started, "machine": machine_description()}
+        (ROOT / out / RESULT_FILE).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[{game_set}/{name}] done in {result['wall_time_s'] / 60:.1f} min", flush=True)
+
+
+def read_row(game_set: str, name: str) -> dict | None:
+    """One table row from an experiment's outputs, None when it has not run."""
+    out = ROOT / RESULTS_DIR / game_set / name
+    if not (out / RESULT_FILE).exists():
+        return None
+    result = json.loads((out / RESULT_FILE).read_text())
+    command, after, label = EXPERIMENTS[game_set][name]
+    row = {"set": game_set, "name": name, "method": label, **result, "env_steps": 0, "curve": []}
+    if (out / "report.json").exists():
+        report = json.loads((out / "report.json").read_text())
+    else:
+        state = json.loads((newest_checkpoint(out) / "trainer_state.json").read_text())
+        report = state["eval_history"][-1]
+        row["env_steps"] = state["env_steps"]
+        row["curve"] = [(point["env_steps"], point["normalized_score"]) for point in state["eval_history"]]
+    if after:
+        base = read_row(game_set, after)
+        row["env_steps"] += base["env_steps"]
+        row["wall_time_s"] += base["wall_time_s"]
+        row["curve"] = [(steps + base["env_steps"], score) for steps, score in row["curve"]]
+        row["command"] = f"{base['command']} && {row['command']}"
+    row.update({key: report[key] for key in ("normalized_score", "win_rate", "invalid_rate")})
+    return row
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = []
+    for game_set in EXPERIMENTS:
+        chosen = [row for row in rows if row["set"] == game_set]
+        if not chosen:
+            continue
+        lines += [
+            f"**{game_set}** games, held-out eval split ({EVAL[game_set].replace('--', '').replace(' 1', '=1')})", "",
+            "| method | normalized score | win rate | invalid rate | env steps | wall time | machine |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in chosen:
+            lines.append(
+                f"| {row['method']} | {row['normalized_score']:.3f} | {row['win_rate']:.3f} | {row['invalid_rate']:.3f} "
+                f"| {row['env_steps']} | {row['wall_time_s'] / 60:.1f} min | {row['machine']} |"
+            )
+        lines += ["", "Commands:", "", "```bash"]
+        lines += [row["command"] for row in chosen]
+        lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], game_set: str, path: Path) -> None:
+    chosen = [row for row in rows if row["set"] == game_set]
+    trained = [row for row in chosen if row["curve"]]
+    if not trained:
+        return
+    figure, axes = plt.subplots(figsize=(6, 3.6), dpi=100)
+    for row in trained:
+        xs, ys = zip(*row["curve"])
+        axes.plot(xs, ys, marker="o", markersize=3, label=row["method"])
+    for row in chosen:
+        if not row["curve"]:
+            axes.axhline(row["normalized_score"], linestyle="--", color="gray", linewidth=1)
+            axes.annotate(row["method"], (0, row["normalized_score"]), textcoords="offset points", xytext=(2, 3),
+                          fontsize=7, color="gray", xycoords=("axes fraction", "data"))
+    axes.set_xlabel("environment steps (training)")
+    axes.set_ylabel("held-out normalized score")
+    axes.set_title(f"{game_set} games: held-out eval split", fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def table(docs: Path) -> None:
+    rows = [row for game_set in EXPERIMENTS for name in EXPERIMENTS[game_set] if (row := read_row(game_set, name))]
+    if not rows:
+        sys.exit(f"error: no results under {RESULTS_DIR}: run `python tools/results.py run default` first")
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "results.md").write_text(markdown(rows))
+    (docs / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    for game_set in EXPERIMENTS:
+        plot(rows, game_set, docs / f"curves_{game_set}.png")
+    print(markdown(rows))
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run_parser = commands.add_parser("run", help="run experiments: a set (default, hard) or set/name")
+    run_parser.add_argument("experiments", nargs="+")
+    table_parser = commands.add_parser("table", help="build the tables and plots from the runs so far")
+    table_parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="where results.md/json and PNGs go")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        run(selected(args.experiments))
+    else:
+        table(args.docs)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
