@@ -153,11 +153,18 @@ def tw_make_command(spec: GameSpec, seed: int, output: Path) -> list[str]:
     return command
 
 
-def generate_game(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
-    """Generate one game with tw-make into the cache (atomically: a crash never leaves half a game)."""
+def unplayable_marker(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
+    return game_path(spec, seed, cache_dir).with_suffix(".unplayable")
+
+
+def generate_game(spec: GameSpec, seed: int, cache_dir: Path) -> Path | None:
+    """Generate one game with tw-make into the cache (atomically: a crash never leaves half a game). None when
+    TextWorld cannot build a quest of these options for this seed (remembered in the cache as a .unplayable file)."""
     target = game_path(spec, seed, cache_dir)
     if target.exists() and target.with_suffix(".json").exists():
         return target
+    if unplayable_marker(spec, seed, cache_dir).exists():
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     tw_make = shutil.which("tw-make") or str(Path(sys.executable).parent / "tw-make")
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -167,6 +174,9 @@ def generate_game(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
         # tw-cooking draws from Python's hash order; a fixed hash seed makes every game byte-identical.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
         result = subprocess.run(command, capture_output=True, text=True, env=env)
+        if "QuestGenerationError" in result.stderr:
+            unplayable_marker(spec, seed, cache_dir).write_text(result.stderr[-2000:])
+            return None
         if result.returncode != 0 or not output.exists():
             raise GameError(f"tw-make failed for {spec.kind} {spec.options} seed {seed}:\n{result.stderr[-2000:]}")
         os.replace(output.with_suffix(".json"), target.with_suffix(".json"))
@@ -175,15 +185,36 @@ def generate_game(spec: GameSpec, seed: int, cache_dir: Path) -> Path:
 
 
 def generate_games(specs: list[GameSpec], split: str, cache_dir: Path, progress: bool = True) -> list[Path]:
-    """All games of `specs` for one split, generating the missing ones in parallel with a progress bar."""
-    jobs = [(spec, seed) for spec in specs for seed in spec.seeds(split)]
-    missing = [job for job in jobs if not game_path(job[0], job[1], cache_dir).exists()]
+    """All games of `specs` for one split, generating the missing ones in parallel with a progress bar.
+
+    A seed for which TextWorld cannot build the quest (some map/quest-length combinations of a level) is replaced by
+    the next seeds after the split's range, in order, so every run gets the same games and the split keeps its size.
+    """
+    games = []
+    for spec in specs:
+        seeds = spec.seeds(split)
+        first, wanted, next_seed = seeds[0], len(seeds), seeds[-1] + 1
+        while seeds:
+            _generate_missing(spec, seeds, split, cache_dir, progress)
+            playable = [seed for seed in seeds if not unplayable_marker(spec, seed, cache_dir).exists()]
+            games += [game_path(spec, seed, cache_dir) for seed in playable]
+            missing = len(seeds) - len(playable)
+            if missing and next_seed + missing - first > 10 * wanted:
+                raise GameError(f"{spec.kind} {spec.options}: TextWorld cannot build most quests of these options; "
+                                "pick a lower level or fewer rooms")
+            seeds = list(range(next_seed, next_seed + missing))
+            next_seed += missing
+    return games
+
+
+def _generate_missing(spec: GameSpec, seeds: list[int], split: str, cache_dir: Path, progress: bool) -> None:
+    missing = [seed for seed in seeds if not game_path(spec, seed, cache_dir).exists()
+               and not unplayable_marker(spec, seed, cache_dir).exists()]
     if missing:
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            futures = [pool.submit(generate_game, spec, seed, cache_dir) for spec, seed in missing]
+            futures = [pool.submit(generate_game, spec, seed, cache_dir) for seed in missing]
             for future in tqdm(futures, desc=f"generating {split} games", disable=not progress):
                 future.result()
-    return [game_path(spec, seed, cache_dir) for spec, seed in jobs]
 
 
 def check_game_file(path: Path) -> Path:

@@ -14,7 +14,10 @@ Efficient scoring, two forwards for a whole batch of states whatever the number 
      on top of that cache: positions continue from the prompt's length, the attention mask is the prompt's mask
      followed by the candidate's, and the logits at candidate tokens 0..T-2 give tokens 1..T-1.
 The prompt is encoded once per state, never per candidate; `candidate_logprobs_naive` encodes prompt + candidate
-from scratch for every candidate, the reference the tests and bench/bench_scoring.py compare against. With a value
+from scratch for every candidate, the reference the tests and bench/bench_scoring.py compare against.
+`candidate_logprobs_packed` gives the same scores from one forward over one row per state (its prompt, then its
+candidates behind a block attention mask): without the per-candidate copies of the prompt's keys and values, it is
+what a gradient pass (PPO's update) uses. With a value
 head (PPO in score mode), the prompt forward runs the decoder and applies the LM head and the value head to the last
 column only, so the state's value comes from the same forward as the candidates' first tokens.
 
@@ -148,6 +151,60 @@ def candidate_logprobs(
     logits = torch.cat([prompt_logits[batch["state"], None], candidate_logits], dim=1)
     scores = _scores(logits, batch, length_normalize)
     return scores if value_head is None else (scores, values)
+
+
+def candidate_logprobs_packed(
+    model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False,
+    value_head=None,
+):
+    """The same scores (and values) as `candidate_logprobs`, from one forward over one row per state: its prompt, then
+    all its candidates one after another, each candidate attending to the prompt and to its own earlier tokens only
+    (a block attention mask), its positions continuing from the prompt's length.
+
+    The prompt's keys and values exist once per state here, not once per candidate: what a gradient pass keeps for
+    backward grows with the tokens, not with candidates x prompt length (PPO's update uses this one; acting, without
+    gradient, uses the faster cached one).
+    """
+    device = next(model.parameters()).device
+    rows, positions, blocks, sources, last = [], [], [], [], []
+    for state, (prompt, candidates) in enumerate(zip(prompt_ids, candidate_ids)):
+        if not candidates:
+            raise ValueError("every prompt needs at least one candidate")
+        row, position, block = list(prompt), list(range(len(prompt))), [0] * len(prompt)
+        last.append(len(prompt) - 1)
+        for index, candidate in enumerate(candidates, start=1):
+            # Token t of the candidate is predicted at the prompt's last token (t = 0) or at its own token t - 1.
+            sources.append((state, [len(prompt) - 1] + list(range(len(row), len(row) + len(candidate) - 1))))
+            row += candidate
+            position += range(len(prompt), len(prompt) + len(candidate))
+            block += [index] * len(candidate)
+        rows.append(row)
+        positions.append(position)
+        blocks.append(block)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [pad_id] * (width - len(row)) for row in rows], device=device)
+    position_ids = torch.tensor([p + [0] * (width - len(p)) for p in positions], device=device)
+    block_ids = torch.tensor([b + [-1] * (width - len(b)) for b in blocks], device=device)  # -1: padding
+    index = torch.arange(width, device=device)
+    causal = index[None, :] <= index[:, None]
+    # A query sees earlier keys of its own block (padding only padding: no row is fully masked) and the prompt.
+    allowed = causal & ((block_ids[:, :, None] == block_ids[:, None, :]) | (block_ids[:, None, :] == 0))
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    decoder = model.get_decoder()
+    hidden = decoder(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids,
+                     use_cache=False).last_hidden_state
+    states = torch.tensor([state for state, _ in sources], device=device)
+    source_index, _ = _pad([positions_ for _, positions_ in sources], 0, left=False)
+    gathered = hidden[states[:, None], source_index.to(device)]  # (C, T, H): the positions predicting each token
+    logits = model.get_output_embeddings()(gathered)
+    candidates, candidate_mask = _pad([ids for rows_ in candidate_ids for ids in rows_], pad_id, left=False)
+    batch = {"candidates": candidates.to(device), "candidate_mask": candidate_mask.to(device),
+             "counts": [len(rows_) for rows_ in candidate_ids]}
+    scores = _scores(logits, batch, length_normalize)
+    if value_head is None:
+        return scores
+    return scores, value_head(hidden[torch.arange(len(rows), device=device), torch.tensor(last, device=device)])
 
 
 def candidate_logprobs_naive(

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lib.scoring import candidate_logprobs
+from lib.scoring import candidate_logprobs, candidate_logprobs_packed
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_TYPES = ("linear", "mlp")
@@ -113,7 +113,10 @@ class PolicyWithValue(nn.Module):
         forward so that DDP and DeepSpeed wrappers see the call (ZeRO-3 gathers the weights in it).
         """
         if candidates is not None:
-            return candidate_logprobs(self.policy, **candidates, value_head=self.value_head)
+            # With gradient (the update) one packed row per state: backward keeps each prompt's keys and values once,
+            # not once per candidate as the cached way's copies would (several GB); acting uses the faster cached way.
+            score = candidate_logprobs_packed if torch.is_grad_enabled() else candidate_logprobs
+            return score(self.policy, **candidates, value_head=self.value_head)
         hidden = decoder_hidden(self.policy, input_ids, attention_mask, position_ids)[:, start:end]
         return self.policy.get_output_embeddings()(hidden), self.value_head(hidden)
 

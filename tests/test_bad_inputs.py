@@ -1,11 +1,10 @@
-"""Bad inputs to the scripts, run as a user would: each exits non-zero within seconds (before any model is loaded)
-with one `error:` line that names the problem (the flag or the path) and the fix."""
+"""Bad inputs to the scripts, run as a user would: each exits non-zero before any model weights are loaded or any
+game is generated, with one `error:` line that names the problem (the flag or the path) and the fix."""
 
 import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -76,16 +75,15 @@ def test_bad_input_fails_fast_naming_the_problem_and_the_fix(name, tmp_path):
         args = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", *args]  # the case's own flags win
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "TEXTWORLD_RL_GAMES": str(tmp_path / "games")}  # nothing may be generated, and never into ./games
-    started = time.monotonic()
     result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
-    elapsed = time.monotonic() - started
     assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert last.startswith("error: "), result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     for text in expected:
         assert fill(text) in last, f"{fill(text)!r} not in {last!r}"
-    assert elapsed < 30, f"took {elapsed:.1f} s: it should fail before loading a model or games"
+    # Before any weights load (transformers reports both while loading) and before any game is generated.
+    assert "Loading weights" not in result.stderr and "de-quantizing" not in result.stderr, result.stderr[-2000:]
     assert not (tmp_path / "games").exists()
 
 

@@ -142,3 +142,28 @@ def test_unknown_sources(source):
 def test_resolve_games_rejects_unknown_split():
     with pytest.raises(ValueError, match="split must be"):
         resolve_games("tiny", "test")
+
+
+def test_a_seed_textworld_cannot_build_is_replaced_by_the_next_ones(tmp_path, monkeypatch):
+    spec = games_module.GameSpec("tw-treasure_hunter", {"level": 10}, num_train=3, num_eval=1)
+    unbuildable = {1, 3}
+    made = []
+
+    def fake_generate(spec_, seed, cache_dir):
+        made.append(seed)
+        if seed in unbuildable:
+            games_module.unplayable_marker(spec_, seed, cache_dir).write_text("QuestGenerationError")
+            return None
+        path = games_module.game_path(spec_, seed, cache_dir)
+        path.write_bytes(b"game")
+        path.with_suffix(".json").write_text("{}")
+        return path
+
+    games_module.game_path(spec, 0, tmp_path).parent.mkdir(parents=True)
+    monkeypatch.setattr(games_module, "generate_game", fake_generate)
+    names = [path.name for path in games_module.generate_games([spec], "train", tmp_path, progress=False)]
+    assert names == ["seed-0.z8", "seed-2.z8", "seed-4.z8"]  # 1 is replaced by 3, which is replaced by 4
+    assert sorted(made) == [0, 1, 2, 3, 4]
+    made.clear()  # the cache remembers both the games and the seeds that cannot be built
+    assert [p.name for p in games_module.generate_games([spec], "train", tmp_path, progress=False)] == names
+    assert made == []

@@ -14,6 +14,7 @@ from lib.scoring import (
     ScoringConfig,
     candidate_logprobs,
     candidate_logprobs_naive,
+    candidate_logprobs_packed,
     choose_candidate,
     encode_candidates,
     policy_logprobs,
@@ -66,26 +67,35 @@ def test_cached_scoring_equals_naive_and_unbatched(tiny, prompt_format, length_n
     with torch.no_grad():
         cached = candidate_logprobs(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, length_normalize)
         naive = candidate_logprobs_naive(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, length_normalize)
+        packed = candidate_logprobs_packed(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, length_normalize)
         reference = one_by_one(model, prompt_ids, candidate_ids, length_normalize)
-    assert [len(s) for s in cached] == [len(c) for c in CANDIDATES]
-    for c, n, r in zip(cached, naive, reference):
+    assert [len(s) for s in cached] == [len(s) for s in packed] == [len(c) for c in CANDIDATES]
+    for c, n, p, r in zip(cached, naive, packed, reference):
         torch.testing.assert_close(c, r, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(n, r, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(p, r, atol=1e-4, rtol=1e-5)
     assert all(torch.isfinite(s).all() and (s < 0).all() for s in cached)
 
 
-def test_cached_scoring_gradients_equal_naive(tiny):
-    """Training can score with gradients: the cache carries them back to the prompt's forward."""
+def test_cached_and_packed_scoring_gradients_equal_naive(tiny):
+    """Training can score with gradients: the cache (or the packed row) carries them back to the prompt's forward;
+    the packed scores' values come from the prompt's last token as the cached ones do."""
     model, tokenizer = tiny
     prompt_ids = [[1, 20, 30, 40, 50], [60, 70]]
     candidate_ids = [[[5, 6, 2], [7, 2]], [[8, 9, 10, 2]]]
-    gradients = []
-    for score in (candidate_logprobs, candidate_logprobs_naive):
+    head = torch.nn.Linear(model.config.hidden_size, 1)
+    gradients, values = [], []
+    for score in (candidate_logprobs, candidate_logprobs_naive, candidate_logprobs_packed):
         model.zero_grad()
-        torch.cat(score(model, prompt_ids, candidate_ids, tokenizer.pad_token_id)).sum().backward()
+        scores = score(model, prompt_ids, candidate_ids, tokenizer.pad_token_id)
+        torch.cat(scores).sum().backward()
         gradients.append(model.get_input_embeddings().weight.grad.clone())
+        if score is not candidate_logprobs_naive:
+            values.append(score(model, prompt_ids, candidate_ids, tokenizer.pad_token_id, value_head=head)[1])
     model.zero_grad()
     torch.testing.assert_close(gradients[0], gradients[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gradients[2], gradients[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(values[0], values[1], atol=1e-5, rtol=1e-4)
     assert gradients[0][20].abs().sum() > 0  # a prompt token's embedding gets gradient through the cache
 
 
