@@ -31,11 +31,12 @@ TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 LOG_DIR = "runs"
-# Flags a resumed run may change; any other must equal the interrupted run's, or it would not continue that run.
-RESUMABLE_CHANGES = frozenset({
-    "num_iterations", "num_rounds", "output_dir", "resume_from_checkpoint", "overwrite_output_dir", "eval_every",
-    "eval_episodes", "save_every", "save_total_limit", "progress", "report_to", "push_to_hub", "games_dir",
-    "learning_rate", "max_grad_norm", "max_nonfinite_updates",
+# Flags a resumed run must keep: they fix the model and its trainable parameters (the checkpoint's weights and
+# optimizer state must fit them) and the games' state (which games, how many slots, where each stands). Others may
+# change on resume (a resumed run equals the uninterrupted one only when none does).
+RESUME_MUST_MATCH = frozenset({
+    "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
+    "detach_value_head", "action_mode", "train_games", "seed", "num_envs", "max_episode_steps",
 })
 
 
@@ -167,7 +168,7 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     """The checkpoint folder `--resume_from_checkpoint` names (`latest`: the newest in output_dir), or None.
 
     Its trainer_state.json must hold `step_key` (the script's step: iteration, round) below `last_step`, the value of
-    `last_step_flag`; it must come from a run with the same flags (`arguments`) but those in RESUMABLE_CHANGES, and
+    `last_step_flag`; it must come from a run with the same values of the RESUME_MUST_MATCH flags (`arguments`) and
     the same number of processes. Raises ValueError naming the flag otherwise.
     """
     if resume_from_checkpoint is None:
@@ -188,13 +189,13 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     if state[step_key] >= last_step:
         raise ValueError(f"{last_step_flag} {last_step}: {folder} already finished {step_key} {state[step_key]}; raise it to continue")
     saved = json.loads((folder / ARGS_FILE).read_text()) if (folder / ARGS_FILE).is_file() else {}
-    changed = [key for key in arguments if key not in RESUMABLE_CHANGES and key in saved and saved[key] != arguments[key]]
+    changed = [key for key in arguments if key in RESUME_MUST_MATCH and key in saved and saved[key] != arguments[key]]
     if changed:
         raise ValueError(
             f"--resume_from_checkpoint {folder} was written with "
             + ", ".join(f"--{key} {saved[key]}" for key in changed) + "; this run has "
             + ", ".join(f"--{key} {arguments[key]}" for key in changed)
-            + f": resume with the interrupted run's flags (only {', '.join(sorted(RESUMABLE_CHANGES))} may change)"
+            + ": resume with the interrupted run's values of these flags (they fix the model and the games' state)"
         )
     if state.get("num_processes", world_size) != world_size:
         raise ValueError(f"--resume_from_checkpoint {folder} was written by {state['num_processes']} processes, this "

@@ -41,7 +41,7 @@ CASES = {
     "unknown tracker": (PPO, ["--report_to", "nope"], ["--report_to 'nope' is unknown", "choose one of tensorboard"], True),
     "unknown action mode": (RS, ["--action_mode", "beam"], ["--action_mode 'beam' is unknown", "choose one of generate, score"], True),
     "model folder without a tokenizer": (PPO, ["--model_name_or_path", "{tmp}/no_tokenizer"], ["--model_name_or_path {tmp}/no_tokenizer has no tokenizer", "tokenizer.save_pretrained"], True),
-    "resume from a checkpoint of other flags": (PPO, ["--resume_from_checkpoint", "{tmp}/other_flags"], ["{tmp}/other_flags was written with --num_envs 4", "this run has --num_envs 8", "resume with the interrupted run's flags"], True),
+    "resume from a checkpoint of other flags": (PPO, ["--resume_from_checkpoint", "{tmp}/other_flags"], ["{tmp}/other_flags was written with --num_envs 4", "this run has --num_envs 8", "resume with the interrupted run's values"], True),
     "resume with another number of processes": (RS, ["--resume_from_checkpoint", "{tmp}/two_processes"], ["written by 2 processes, this launch has 1", "same number of processes"], True),
     "empty hub repo id": (RS, ["--push_to_hub", ""], ["--push_to_hub '' is not a repo id"], True),
     "zero max_nonfinite_updates": (PPO, ["--max_nonfinite_updates", "0"], ["--max_nonfinite_updates must be positive"], True),
@@ -75,7 +75,7 @@ def test_bad_input_fails_fast_naming_the_problem_and_the_fix(name, tmp_path):
         args = ["--output_dir", str(tmp_path / "out"), "--report_to", "none", *args]  # the case's own flags win
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
            "TEXTWORLD_RL_GAMES": str(tmp_path / "games")}  # nothing may be generated, and never into ./games
-    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120)
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode != 0, result.stdout[-2000:] + result.stderr[-2000:]
     last = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
     assert last.startswith("error: "), result.stderr[-3000:]
@@ -91,7 +91,7 @@ def test_a_missing_accelerate_config_is_named_by_the_launcher(tmp_path):
     """`accelerate launch` itself refuses it, before our script starts."""
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "none.yaml"), PPO],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
     assert f"configuration file `{tmp_path / 'none.yaml'}` does not exist" in result.stderr

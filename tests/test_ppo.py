@@ -74,7 +74,7 @@ BAD_FLAGS = [
     (["--kl_direction", "sideways"], "--kl_direction"),
     (["--value_head_type", "cnn"], "--value_head_type"),
     (["--trainable_layers_fraction", "0"], "--trainable_layers_fraction"),
-    (["--temperature", "0"], "generation flags"),
+    (["--temperature", "0"], "temperature"),
     (["--memory_turns", "-1"], "prompt flags"),
     (["--report_to", "comet"], "--report_to"),
     (["--train_games", "tw-nope:level=1"], "--train_games"),

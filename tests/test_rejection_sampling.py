@@ -153,7 +153,7 @@ BAD_FLAGS = [
     (["--rank_kl_coef=-1"], "--rank_kl_coef"),
     (["--kl_direction", "sideways"], "--kl_direction"),
     (["--train_batch_size", "6", "--gradient_accumulation_steps", "4"], "--train_batch_size"),
-    (["--temperature", "0"], "generation flags"),
+    (["--temperature", "0"], "temperature"),
     (["--reward", "score,bonus"], "--reward"),
     (["--report_to", "comet"], "--report_to"),
     (["--eval_games", "/no/such/games"], "--eval_games"),
