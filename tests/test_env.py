@@ -137,3 +137,29 @@ def test_workers_do_not_rerun_the_parents_script(tiny_games, tmp_path):
     )
     subprocess.run([sys.executable, str(script)], check=True, timeout=120)
     assert len(marker.read_text().split()) == 1
+
+
+def test_hung_worker_is_treated_like_a_dead_one(tiny_games):
+    with BatchEnv(tiny_games, num_envs=2, max_episode_steps=10, step_timeout=2) as env:
+        env.reset()
+        os.kill(env._workers[0].process.pid, signal.SIGSTOP)  # alive, never answers
+        hung, healthy = env.step(["look", "look"])
+        assert hung.crashed and hung.truncated and not healthy.crashed
+        assert env.restarts == 1 and hung.next_state.steps == 0
+
+
+def test_state_dict_puts_every_slot_back_where_it_stood(small_games):
+    """A fresh env loaded from state_dict continues exactly like the env it was taken from (episodes, games, steps)."""
+    options = {"num_envs": 3, "max_episode_steps": 4, "shuffle": True, "seed": 3}
+    with BatchEnv(small_games, **options) as env:
+        env.reset()
+        for commands in (["look"] * 3, ["inventory", "look", "go north"], ["look"] * 3, ["look"] * 3, ["look"] * 3):
+            env.step(commands)
+        saved = env.state_dict()
+        assert any(saved["commands"])  # some slot is mid-episode
+        with BatchEnv(small_games, **options) as restored:
+            assert restored.load_state_dict(saved) == env.states
+            for commands in (["look"] * 3, ["inventory"] * 3, ["look"] * 3, ["look"] * 3):
+                assert [r.next_state for r in restored.step(commands)] == [r.next_state for r in env.step(commands)]
+    with BatchEnv(small_games, num_envs=2, seed=3) as other, pytest.raises(ValueError, match="resume with the flags"):
+        other.load_state_dict(saved)

@@ -5,6 +5,7 @@ many in a row stop the run with the last checkpoint intact."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -199,3 +200,30 @@ def test_nan_updates_in_a_row_stop_the_run_with_the_last_checkpoint_intact(tiny_
     log = run("ppo_textworld.py", [*ppo_args(tiny_model_path, tiny_games, output), "--num_iterations", "2",
                                    "--resume_from_checkpoint", "latest"])
     assert "resumed from" in log and (output / "checkpoints" / "checkpoint-2").is_dir()
+
+
+def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    """A crash while saving leaves .tmp-checkpoint-N: `latest` still names the last complete checkpoint."""
+    from lib.training import find_resume_checkpoint
+
+    complete = tmp_path / "checkpoints" / "checkpoint-1"
+    (complete / "training_state").mkdir(parents=True)
+    (complete / "config.json").write_text("{}")
+    (complete / "trainer_state.json").write_text(json.dumps({"iteration": 1}))
+    (tmp_path / "checkpoints" / ".tmp-checkpoint-2" / "training_state").mkdir(parents=True)
+    assert newest_checkpoint(tmp_path) == complete
+    assert find_resume_checkpoint("latest", str(tmp_path), "iteration", 5, "--num_iterations", {}, 1) == complete
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos(tiny_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    from lib.models import load_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    shutil.copy(Path(tiny_model_path) / "config.json", tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path).pad_token is None
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == loaded.eos_token and loaded.padding_side == "left"
