@@ -1,14 +1,16 @@
-"""PPO for causal LMs playing TextWorld games: the policy writes one command per turn, the games score it.
+"""PPO for causal LMs playing TextWorld games: each turn the policy chooses (default) or writes a command, the games
+score it.
 
 Launch:
     python ppo_textworld.py                                     # defaults: SmolLM2-135M, `default` games, CPU ok
-    python ppo_textworld.py --reward letter_e --num_iterations 20  # the toy task: say many 'e'
-    python ppo_textworld.py my_run.yaml                         # every flag from a YAML file
+    python ppo_textworld.py --action_mode generate              # write commands instead of choosing admissible ones
+    python ppo_textworld.py --action_mode generate --reward letter_e  # the toy task: say many 'e'
+    python ppo_textworld.py configs/ppo_hard.yaml --seed 1      # flags from a YAML file, then overrides
     python ppo_textworld.py --resume_from_checkpoint latest     # continue outputs/ppo where it stopped
     accelerate launch --config_file accelerate_configs/zero2.yaml ppo_textworld.py --model_name_or_path ...
     accelerate launch --config_file accelerate_configs/cpu_zero2.yaml ppo_textworld.py   # 2 CPU processes
 
-One iteration:
+One iteration (as --action_mode generate runs it; score mode, the default, below):
   1. rollout (lib/rollout.py): each process plays num_steps turns in its num_envs / num_processes game slots;
      per response token it caches the behaviour log-prob, the reference log-prob and the value; per turn the
      reward chain total (lib/rewards.py) and next_value, the value of the state the turn led to (0 after a
@@ -24,10 +26,12 @@ One iteration:
   5. the adaptive KL controller (if on) moves kl_coef toward target_kl; metrics are logged, the rollout is saved
      as a dataset, and every eval_every / save_every iterations the policy is evaluated greedily on held-out games
      and checkpointed.
+An update that meets a NaN or inf (loss, gradient norm, rewards, values, advantages) is skipped with a warning
+(lib.training.NonFiniteGuard); --max_nonfinite_updates in a row stop the run before it saves.
 Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is
 ignored), so the behaviour policy is the one that sampled.
 
---action_mode score: PPO at turn level over the admissible commands (lib/scoring.py). The policy of a turn is
+--action_mode score (the default): PPO at turn level over the admissible commands (lib/scoring.py). The policy of a turn is
 softmax(scores / temperature) over the state's candidates (at most --max_candidates; a score is the sum, or with
 --length_normalize the mean, of the command's token log-probs); the rollout (lib.rollout.ScoringRolloutCollector)
 caches the behaviour and reference log-probs over the candidates and the value at the prompt's last token, from the
@@ -35,11 +39,13 @@ same forward. Each turn then counts as a one-token response: the KL penalty (k1/
 the turn's reward, advantages are turn-level GAE over each slot's turns (lib.losses.turn_gae: gamma_turn, lam;
 gamma_token unused), and the loss (lib.losses.candidate_ppo_loss) clips the ratio of the chosen command's
 probability, with entropy and exact KL (kl_loss_coef) over the candidates; every micro-batch rescores its turns'
-candidates with gradient. Evaluation chooses the best-scoring candidate (lib.agents.ScoringAgent).
+candidates with gradient (lib.scoring.candidate_logprobs_packed: one row per state, so backward keeps each prompt's
+keys and values once). Evaluation chooses the best-scoring candidate (lib.agents.ScoringAgent).
 
 Outputs (output_dir): the final policy (save_pretrained) + value_head.safetensors + tokenizer + README.md, ready
 for `play.py --agent model --model_name_or_path outputs/ppo`; checkpoints/checkpoint-N (same, plus
-training_state/ for resuming and trainer_state.json); rollouts/iteration-NNNNN datasets (lib.rollout.load_rollouts);
+training_state/ for resuming, trainer_state.json, and process_state-RANK.json: where each game slot stands, so that
+a resumed run continues its episodes and ends as the uninterrupted run would); rollouts/iteration-NNNNN datasets (lib.rollout.load_rollouts);
 runs/ tensorboard logs.
 """
 

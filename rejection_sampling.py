@@ -4,7 +4,7 @@ Launch:
     python rejection_sampling.py                                   # defaults: SmolLM2-135M, `default` games, CPU ok
     python rejection_sampling.py --keep_top_n 4                    # the 4 best episodes of each round
     python rejection_sampling.py --rank_by turn --min_return 0     # every turn whose return-to-go is above 0
-    python rejection_sampling.py my_run.yaml                       # every flag from a YAML file
+    python rejection_sampling.py my_run.yaml --seed 1              # flags from a YAML file, then overrides
     python rejection_sampling.py --resume_from_checkpoint latest   # continue outputs/rejection_sampling
     accelerate launch --config_file accelerate_configs/zero2.yaml rejection_sampling.py --model_name_or_path ...
     accelerate launch --config_file accelerate_configs/cpu_zero2.yaml rejection_sampling.py   # 2 CPU processes
@@ -24,9 +24,10 @@ One round:
      micro-batches per process;
   4. evaluate greedily on held-out games, save the round's turns as a dataset, checkpoint.
 A round that keeps nothing is reported and skips step 3.
-With --action_mode score the policy plays by choosing among the admissible commands (lib.agents.ScoringAgent: sampled
-from the softmax over the candidates' scores in step 1, the best one in evaluation); the fine-tuning target stays the
-chosen command's text.
+By default (--action_mode score) the policy plays by choosing among the admissible commands (lib.agents.ScoringAgent:
+sampled from the softmax over the candidates' scores in step 1, the best one in evaluation); the fine-tuning target
+is the chosen command's text. --action_mode generate makes it write its commands. An optimizer step that meets a NaN
+or inf loss or gradient is skipped with a warning; --max_nonfinite_updates in a row stop the run before it saves.
 
 Outputs (output_dir): the final policy (save_pretrained) + tokenizer + README.md, ready for
 `play.py --agent model --model_name_or_path outputs/rejection_sampling`; checkpoints/checkpoint-R after every round

@@ -55,6 +55,8 @@ EXPERIMENTS = {
     "hard": {
         "random": (f"python play.py --agent random {EVAL['hard']} --output_dir {{out}}", None, "random admissible"),
         "walkthrough": (f"python play.py --agent walkthrough {EVAL['hard']} --output_dir {{out}}", None, "walkthrough"),
+        "zero_shot_generate": (f"python play.py --action_mode generate {EVAL['hard']} --output_dir {{out}}", None,
+                               "zero-shot SmolLM2-135M, generate"),
         "zero_shot_score": (f"python play.py {EVAL['hard']} --output_dir {{out}}", None, "zero-shot SmolLM2-135M, score"),
         "ppo_score": ("python ppo_textworld.py configs/ppo_hard.yaml --output_dir {out}", None, "PPO, score"),
     },
