@@ -6,7 +6,8 @@ Two prompt formats (`--prompt_format`):
   - `plain`: a transcript that ends in "> ", the way the games print their own prompt.
 Both hold the objective, the cleaned observation, the inventory (unless empty), the last `memory_turns` turns, an
 optional hint listing the admissible commands and optional example turns. When the prompt is longer than the token
-budget the oldest memory goes first, then the examples, then the observation's tail.
+budget the oldest memory goes first, then the examples, then the hint's last commands (a kitchen can list more
+commands than the budget holds; the game still accepts them), then the observation's tail.
 """
 
 import re
@@ -155,11 +156,27 @@ def build_prompt(
             examples = []
         prompt = render(objective, message, history, examples, config, tokenizer)
     excess = length(prompt) - config.max_prompt_tokens
+    hinted = list(admissible_commands)
+    if excess > 0 and config.hint:
+        # The most commands that fit (binary search over how many of the first ones the hint lists), or none.
+        def fits(count: int) -> bool:
+            text = render(objective, current_message(observation, inventory, hinted[:count], config), history,
+                          examples, config, tokenizer)
+            return length(text) <= config.max_prompt_tokens
+
+        low, high = 0, len(hinted)  # fits(high) is False
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        hinted = hinted[:low]
+        message = current_message(observation, inventory, hinted, config)
+        prompt = render(objective, message, history, examples, config, tokenizer)
+        excess = length(prompt) - config.max_prompt_tokens
     while excess > 0 and observation:
         # Still too long: keep the observation's beginning (it names the room and what is in it).
         ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
         observation = tokenizer.decode(ids[: max(0, len(ids) - excess - 4)])
-        message = current_message(observation, inventory, admissible_commands, config)
+        message = current_message(observation, inventory, hinted, config)
         prompt = render(objective, message, history, examples, config, tokenizer)
         excess = length(prompt) - config.max_prompt_tokens
     if excess > 0:

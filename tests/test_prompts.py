@@ -90,6 +90,14 @@ def test_token_budget_drops_the_oldest_memory_first(tokenizer):
         build_prompt(OBJECTIVE * 40, "A dark room.", "", ADMISSIBLE, [], small, tokenizer)
 
 
+def test_a_hint_longer_than_the_budget_lists_its_first_commands(tokenizer):
+    commands = [f"take red apple number {i} from the kitchen counter" for i in range(60)]
+    config = PromptConfig(format="plain", memory_turns=0, num_examples=0, max_prompt_tokens=200)
+    prompt = build_prompt(OBJECTIVE, "A kitchen.", "", commands, [], config, tokenizer)
+    assert length(tokenizer, prompt) <= 200
+    assert "A kitchen." in prompt and commands[0] in prompt and commands[-1] not in prompt
+
+
 def test_hint_and_examine_filtering(tokenizer):
     def prompt_with(**options):
         config = PromptConfig(format="plain", max_prompt_tokens=2048, **options)
