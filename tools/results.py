@@ -119,6 +119,12 @@ def read_row(game_set: str, name: str) -> dict | None:
     return row
 
 
+def protocol(game_set: str) -> str:
+    """`--num_episodes 12 --max_episode_steps 12` -> `num_episodes=12, max_episode_steps=12`."""
+    words = EVAL[game_set].replace("--", "").split()
+    return ", ".join(f"{key}={value}" for key, value in zip(words[::2], words[1::2]))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = []
     for game_set in EXPERIMENTS:
@@ -126,7 +132,7 @@ def markdown(rows: list[dict]) -> str:
         if not chosen:
             continue
         lines += [
-            f"**{game_set}** games, held-out eval split ({EVAL[game_set].replace('--', '').replace(' 1', '=1')})", "",
+            f"**{game_set}** games, held-out eval split ({protocol(game_set)})", "",
             "| method | normalized score | win rate | invalid rate | env steps | wall time | machine |",
             "|---|---|---|---|---|---|---|",
         ]
