@@ -1,0 +1,45 @@
+"""tools/results.py builds its tables and curves from the runs' own reports, with combined runs adding up."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import results  # noqa: E402
+
+
+def write_run(root: Path, name: str, wall: float, report: dict | None = None, state: dict | None = None) -> None:
+    out = root / "outputs/results/default" / name
+    (out / "checkpoints/checkpoint-2").mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({"command": f"cmd {name}", "wall_time_s": wall, "machine": "m"}))
+    if report:
+        (out / "report.json").write_text(json.dumps(report))
+    if state:
+        (out / "checkpoints/checkpoint-2/config.json").write_text("{}")
+        (out / "checkpoints/checkpoint-2/trainer_state.json").write_text(json.dumps(state))
+
+
+def test_table_reads_reports_and_trainer_states(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    point = lambda steps, score: {"env_steps": steps, "normalized_score": score, "win_rate": score, "invalid_rate": 0.0}  # noqa: E731
+    write_run(tmp_path, "random", 60, report={"normalized_score": 0.25, "win_rate": 0.25, "invalid_rate": 0.0})
+    write_run(tmp_path, "rs_score", 600, state={"env_steps": 100, "eval_history": [point(0, 0.1), point(100, 0.5)]})
+    write_run(tmp_path, "rs_then_ppo_score", 900, state={"env_steps": 40, "eval_history": [point(0, 0.5), point(40, 0.6)]})
+    results.table(tmp_path / "docs")
+    rows = {row["name"]: row for row in json.loads((tmp_path / "docs/results.json").read_text())}
+    assert set(rows) == {"random", "rs_score", "rs_then_ppo_score"}  # runs that did not happen are left out
+    assert rows["random"]["env_steps"] == 0 and rows["random"]["normalized_score"] == 0.25
+    combined = rows["rs_then_ppo_score"]
+    assert combined["env_steps"] == 140 and combined["wall_time_s"] == 1500 and combined["normalized_score"] == 0.6
+    assert combined["curve"] == [[100, 0.5], [140, 0.6]] and combined["command"] == "cmd rs_score && cmd rs_then_ppo_score"
+    markdown = (tmp_path / "docs/results.md").read_text()
+    assert "(num_episodes=12, max_episode_steps=12)" in markdown and "| 0.600 | 0.600 | 0.000 | 140 | 25.0 min | m |" in markdown
+    assert (tmp_path / "docs/curves_default.png").stat().st_size > 0
+
+
+def test_unknown_experiment_is_named():
+    with pytest.raises(SystemExit, match="unknown experiment 'default/nope'"):
+        results.selected(["default/nope"])
+    assert results.selected(["hard/random", "default/walkthrough"]) == [("hard", "random"), ("default", "walkthrough")]
