@@ -167,7 +167,7 @@ class RunArguments:
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir)."})
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
     eval_episodes: int = field(default=12, metadata={"help": "Episodes per evaluation (0: no evaluation)."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint every N iterations (0: only at the end)."})
+    save_every: int = field(default=2, metadata={"help": "Checkpoint every N iterations (0: only at the end); a stopped run resumes from the newest."})
     save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
     max_nonfinite_updates: int = field(default=3, metadata={"help": "Stop after this many updates in a row skipped for a NaN or inf in the loss, gradient, rewards or advantages."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})

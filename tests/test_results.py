@@ -43,3 +43,18 @@ def test_unknown_experiment_is_named():
     with pytest.raises(SystemExit, match="unknown experiment 'default/nope'"):
         results.selected(["default/nope"])
     assert results.selected(["hard/random", "default/walkthrough"]) == [("hard", "random"), ("default", "walkthrough")]
+
+
+@pytest.mark.parametrize("game_set,name", [(s, n) for s in results.EXPERIMENTS for n in results.EXPERIMENTS[s]])
+def test_every_experiment_command_parses(game_set, name, monkeypatch):
+    """Each command's script accepts its flags and YAML config, so no experiment fails after the ones before it ran."""
+    monkeypatch.chdir(results.ROOT)
+    command = results.EXPERIMENTS[game_set][name][0].format(out="outputs/results/x")
+    python, script, *argv = command.split()
+    assert python == "python"
+    module = __import__(script.removesuffix(".py"))
+    if hasattr(module, "ALL_ARGUMENTS"):
+        parsed = module.parse_arguments(module.ALL_ARGUMENTS, argv)
+        assert parsed[0].output_dir == "outputs/results/x"
+    else:
+        assert module.parse_args(argv).output_dir == "outputs/results/x"
