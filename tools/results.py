@@ -64,6 +64,9 @@ EXPERIMENTS = {
                          "PPO, generate"),
         "rs_score": ("python rejection_sampling.py configs/rs_hard.yaml --output_dir {out}", None,
                      "rejection sampling, score"),
+        "rs_then_ppo_score": ("python ppo_textworld.py configs/ppo_hard.yaml --model_name_or_path "
+                              "outputs/results/hard/rs_score --output_dir {out}", "rs_score",
+                              "rejection sampling, then PPO (score)"),
     },
 }
 
