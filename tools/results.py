@@ -164,11 +164,14 @@ def plot(rows: list[dict], game_set: str, path: Path) -> None:
     for row in trained:
         xs, ys = zip(*row["curve"])
         axes.plot(xs, ys, marker="o", markersize=3, label=row["method"])
+    baselines: dict[float, list[str]] = {}  # one line per score: baselines at the same score share their label
     for row in chosen:
         if not row["curve"]:
-            axes.axhline(row["normalized_score"], linestyle="--", color="gray", linewidth=1)
-            axes.annotate(row["method"], (0, row["normalized_score"]), textcoords="offset points", xytext=(2, 3),
-                          fontsize=7, color="gray", xycoords=("axes fraction", "data"))
+            baselines.setdefault(row["normalized_score"], []).append(row["method"])
+    for score, methods in baselines.items():
+        axes.axhline(score, linestyle="--", color="gray", linewidth=1)
+        axes.annotate("; ".join(methods), (0, score), textcoords="offset points", xytext=(2, 3), fontsize=7,
+                      color="gray", xycoords=("axes fraction", "data"))
     axes.set_xlabel("environment steps (training)")
     axes.set_ylabel("held-out normalized score")
     axes.set_title(f"{game_set} games: held-out eval split", fontsize=10)
