@@ -1,6 +1,7 @@
 """tools/results.py builds its tables and curves from the runs' own reports, with combined runs adding up."""
 
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_every_experiment_command_parses(game_set, name, monkeypatch):
     """Each command's script accepts its flags and YAML config, so no experiment fails after the ones before it ran."""
     monkeypatch.chdir(results.ROOT)
     command = results.EXPERIMENTS[game_set][name][0].format(out="outputs/results/x")
-    python, script, *argv = command.split()
+    python, script, *argv = shlex.split(command)  # as `run` splits it
     assert python == "python"
     module = __import__(script.removesuffix(".py"))
     if hasattr(module, "ALL_ARGUMENTS"):

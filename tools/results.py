@@ -59,9 +59,8 @@ EXPERIMENTS = {
                                "zero-shot SmolLM2-135M, generate"),
         "zero_shot_score": (f"python play.py {EVAL['hard']} --output_dir {{out}}", None, "zero-shot SmolLM2-135M, score"),
         "ppo_score": ("python ppo_textworld.py configs/ppo_hard.yaml --output_dir {out}", None, "PPO, score"),
-        "ppo_generate": (("python ppo_textworld.py configs/ppo_hard.yaml --action_mode generate --eval_every 0 "
-                          "--output_dir {out}"), None,
-                         "PPO, generate"),
+        "ppo_generate": ("python ppo_textworld.py configs/ppo_hard.yaml --action_mode generate --eval_every 0 "
+                         "--output_dir {out}", None, "PPO, generate"),
         "rs_score": ("python rejection_sampling.py configs/rs_hard.yaml --output_dir {out}", None,
                      "rejection sampling, score"),
         "rs_then_ppo_score": ("python ppo_textworld.py configs/ppo_hard.yaml --model_name_or_path "
