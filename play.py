@@ -57,7 +57,7 @@ class Args:
         metadata={"help": "episodes to play in all (episode k plays game k mod #games); default: one per game"},
     )
     num_envs: int = field(default=8, metadata={"help": "games played in parallel (the human agent always plays one)"})
-    max_episode_steps: int = field(default=50, metadata={"help": "commands per episode before it is cut off"})
+    max_episode_turns: int = field(default=50, metadata={"help": "commands per episode before it is cut off"})
     seed: int = field(default=0, metadata={"help": "seed of the random agent and of the model's sampling"})
     output_dir: str | None = field(
         default=None,
@@ -145,7 +145,7 @@ def check_args(args: Args) -> None:
         raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
     if args.split not in SPLITS:
         raise ValueError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
-    for flag in ("num_envs", "max_episode_steps", "max_new_tokens", "num_episodes"):
+    for flag in ("num_envs", "max_episode_turns", "max_new_tokens", "num_episodes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         games,
         num_episodes=args.num_episodes or len(games),
         num_envs=1 if args.agent == "human" else args.num_envs,
-        max_episode_steps=args.max_episode_steps,
+        max_episode_turns=args.max_episode_turns,
         prompt_config=prompt_config(args),
         tokenizer=tokenizer,
         seed=args.seed,

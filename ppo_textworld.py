@@ -11,7 +11,7 @@ Launch:
     accelerate launch --config_file accelerate_configs/cpu_zero2.yaml ppo_textworld.py   # 2 CPU processes
 
 One iteration (as --action_mode generate runs it; score mode, the default, below):
-  1. rollout (lib/rollout.py): each process plays num_steps turns in its num_envs / num_processes game slots;
+  1. rollout (lib/rollout.py): each process plays turns_per_slot turns in its num_envs / num_processes game slots;
      per response token it caches the behaviour log-prob, the reference log-prob and the value; per turn the
      reward chain total (lib/rewards.py) and next_value, the value of the state the turn led to (0 after a
      terminated episode, the episode's final state after a truncated one; see lib/rollout.py for positions);
@@ -157,8 +157,8 @@ class RunArguments:
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
     num_iterations: int = field(default=6, metadata={"help": "PPO iterations (rollout + update)."})
     num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes."})
-    num_steps: int = field(default=8, metadata={"help": "Turns per slot per iteration; batch = num_envs * num_steps turns."})
-    max_episode_steps: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
+    turns_per_slot: int = field(default=8, metadata={"help": "Turns per slot per iteration; batch = num_envs * turns_per_slot turns."})
+    max_episode_turns: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
     seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, game order)."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
@@ -212,8 +212,8 @@ ALL_ARGUMENTS = (RunArguments, PPOArguments, ModelArguments, RolloutArguments)
 def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments, rollout: RolloutArguments, world_size: int):
     """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
     positive = {
-        "num_iterations": run.num_iterations, "num_envs": run.num_envs, "num_steps": run.num_steps,
-        "max_episode_steps": run.max_episode_steps, "ppo_epochs": ppo.ppo_epochs, "num_minibatches": ppo.num_minibatches,
+        "num_iterations": run.num_iterations, "num_envs": run.num_envs, "turns_per_slot": run.turns_per_slot,
+        "max_episode_turns": run.max_episode_turns, "ppo_epochs": ppo.ppo_epochs, "num_minibatches": ppo.num_minibatches,
         "gradient_accumulation_steps": ppo.gradient_accumulation_steps, "learning_rate": ppo.learning_rate,
         "clip_range": ppo.clip_range, "clip_range_value": ppo.clip_range_value, "max_grad_norm": ppo.max_grad_norm,
         "kl_horizon": ppo.kl_horizon, "max_nonfinite_updates": run.max_nonfinite_updates,
@@ -248,10 +248,10 @@ def check_arguments(run: RunArguments, ppo: PPOArguments, model: ModelArguments,
     check_push_to_hub(run.push_to_hub)
     if run.num_envs % world_size:
         raise ValueError(f"--num_envs {run.num_envs} must be divisible by the number of processes ({world_size})")
-    per_process = run.num_envs // world_size * run.num_steps
+    per_process = run.num_envs // world_size * run.turns_per_slot
     if per_process % ppo.num_minibatches:
         raise ValueError(
-            f"each process's batch (num_envs / processes * num_steps = {per_process} turns) must be divisible by "
+            f"each process's batch (num_envs / processes * turns_per_slot = {per_process} turns) must be divisible by "
             f"--num_minibatches {ppo.num_minibatches}"
         )
     if per_process // ppo.num_minibatches % ppo.gradient_accumulation_steps:
@@ -332,7 +332,7 @@ def main(argv: list[str]) -> None:
     accelerator.wait_for_everyone()
 
     per_process_envs = run.num_envs // world_size
-    batch_size = per_process_envs * run.num_steps
+    batch_size = per_process_envs * run.turns_per_slot
     minibatch_size = batch_size // ppo.num_minibatches
     micro_batch_size = minibatch_size // ppo.gradient_accumulation_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -383,20 +383,20 @@ def main(argv: list[str]) -> None:
     evals = trainer_state["evals"]
     if "random" not in evals:
         evals["random"] = run_evaluation(
-            accelerator, RandomAgent(run.seed), eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+            accelerator, RandomAgent(run.seed), eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns,
             prompt_config(rollout_args), tokenizer, run.seed,
         )
         started = time.time()
         with gathered_for_evaluation(model, zero3), accelerator.autocast():
             evals["before"] = run_evaluation(
-                accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+                accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns,
                 prompt_config(rollout_args), tokenizer, run.seed,
             )
         accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
         record_evaluation(evals["before"])
         accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
 
-    env = BatchEnv(train_games, per_process_envs, run.max_episode_steps, shuffle=True, seed=run.seed, rank=rank,
+    env = BatchEnv(train_games, per_process_envs, run.max_episode_turns, shuffle=True, seed=run.seed, rank=rank,
                    world_size=world_size)
     if score_mode:
         collector = ScoringRolloutCollector(
@@ -423,7 +423,7 @@ def main(argv: list[str]) -> None:
     for iteration in bar:
         # ---- 1. rollout
         started = time.time()
-        rollout = collector.collect(unwrapped, ref_model, run.num_steps)
+        rollout = collector.collect(unwrapped, ref_model, run.turns_per_slot)
         rollout_time = time.time() - started
         turns = rollout.transitions
         batch = collate_candidates(turns) if score_mode else collate(turns, pad_id)
@@ -443,7 +443,7 @@ def main(argv: list[str]) -> None:
             moments = accelerator.reduce(torch.stack(masked_moments(advantages.double(), mask)).to(device), "sum").cpu()
             mean, var = mean_var_from_moments(*moments)
             advantages = whiten_with_stats(advantages, mean.float(), var.float(), mask=mask)
-        elif ppo.whiten_advantages and mask.sum() > 1:  # a variance needs two tokens (num_envs = num_steps = 1)
+        elif ppo.whiten_advantages and mask.sum() > 1:  # a variance needs two tokens (num_envs = turns_per_slot = 1)
             advantages = masked_whiten(advantages, mask)
 
         # ---- 4. PPO epochs over shuffled minibatches of turns. Each minibatch is gradient_accumulation_steps
@@ -572,7 +572,7 @@ def main(argv: list[str]) -> None:
             started = time.time()
             with gathered_for_evaluation(model, zero3), accelerator.autocast():
                 report = run_evaluation(
-                    accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+                    accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns,
                     prompt_config(rollout_args), tokenizer, run.seed,
                 )
             metrics.update(eval_metrics(report))
@@ -601,7 +601,7 @@ def main(argv: list[str]) -> None:
     started = time.time()
     with gathered_for_evaluation(model, zero3), accelerator.autocast():
         evals["after"] = run_evaluation(
-            accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps,
+            accelerator, greedy_agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns,
             prompt_config(rollout_args), tokenizer, run.seed,
         )
     accelerator.log({**eval_metrics(evals["after"]), "perf/eval_s": time.time() - started}, step=run.num_iterations)

@@ -117,7 +117,7 @@ class RunArguments:
     num_rounds: int = field(default=4, metadata={"help": "Rounds of play, select, fine-tune."})
     episodes_per_round: int = field(default=16, metadata={"help": "Episodes played per round, in total over all processes."})
     num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (play and evaluation)."})
-    max_episode_steps: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
+    max_episode_turns: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
     seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, the order of the fine-tuning pairs)."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
@@ -164,7 +164,7 @@ def check_arguments(run: RunArguments, selection: SelectionArguments, finetune: 
     """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
     positive = {
         "num_rounds": run.num_rounds, "episodes_per_round": run.episodes_per_round, "num_envs": run.num_envs,
-        "max_episode_steps": run.max_episode_steps, "num_train_epochs": finetune.num_train_epochs,
+        "max_episode_turns": run.max_episode_turns, "num_train_epochs": finetune.num_train_epochs,
         "learning_rate": finetune.learning_rate, "train_batch_size": finetune.train_batch_size,
         "gradient_accumulation_steps": finetune.gradient_accumulation_steps, "max_grad_norm": finetune.max_grad_norm,
         "max_nonfinite_updates": run.max_nonfinite_updates,
@@ -367,7 +367,7 @@ def main(argv: list[str]) -> None:
     def evaluate_held_out(agent) -> dict | None:
         with gathered_for_evaluation(model, zero3), accelerator.autocast():
             return run_evaluation(
-                accelerator, agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_steps, prompts,
+                accelerator, agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns, prompts,
                 tokenizer, run.seed,
             )
 
@@ -390,7 +390,7 @@ def main(argv: list[str]) -> None:
         started = time.time()
         with gathered_for_evaluation(model, zero3), accelerator.autocast():
             turns, play_report = play_episodes(
-                sampling_agent, train_games, run.episodes_per_round, per_process_envs, run.max_episode_steps, prompts,
+                sampling_agent, train_games, run.episodes_per_round, per_process_envs, run.max_episode_turns, prompts,
                 tokenizer, rewards, run.seed, rank, world_size,
             )
         play_time = time.time() - started

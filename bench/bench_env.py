@@ -42,7 +42,7 @@ class Args:
         default=100, metadata={"help": "env steps per slot played before the timing starts (100: two full episodes)"}
     )
     num_envs_many: int = field(default=16, metadata={"help": "slots of the batched setting (the other has 1)"})
-    max_episode_steps: int = field(default=50, metadata={"help": "commands per episode before it is cut off"})
+    max_episode_turns: int = field(default=50, metadata={"help": "commands per episode before it is cut off"})
     seed: int = field(default=0, metadata={"help": "seed of the random agent"})
     goal: float = field(default=8.0, metadata={"help": "the speed-up (many slots / one slot) we aim for"})
     profile: bool = field(default=False, metadata={"help": "print a cProfile of the parent loop in the batched run"})
@@ -63,7 +63,7 @@ def measure(games: list[str], num_envs: int, args: Args, profile: bool) -> tuple
     """Env steps per second with `num_envs` slots, and the profile of the timed loop when asked for."""
     agent = RandomAgent(args.seed)
     profiler = cProfile.Profile()
-    with BatchEnv(games, num_envs, args.max_episode_steps, shuffle=True, seed=args.seed) as env:
+    with BatchEnv(games, num_envs, args.max_episode_turns, shuffle=True, seed=args.seed) as env:
         states, _ = play(env, agent, env.reset(), args.warmup_steps_per_slot * num_envs)
         start = time.perf_counter()
         with profiler if profile else contextlib.nullcontext():
@@ -82,7 +82,7 @@ def main() -> None:
         args = parser.parse_yaml_file(sys.argv[1])[0]
     else:
         args = parser.parse_args_into_dataclasses()[0]
-    for flag in ("steps", "num_envs_many", "max_episode_steps", "warmup_steps_per_slot"):
+    for flag in ("steps", "num_envs_many", "max_episode_turns", "warmup_steps_per_slot"):
         if getattr(args, flag) < (0 if flag == "warmup_steps_per_slot" else 1):
             print(f"error: --{flag} is too small: {getattr(args, flag)}", file=sys.stderr)
             sys.exit(2)

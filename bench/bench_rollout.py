@@ -1,11 +1,11 @@
 """Rollout throughput of PPO's collectors, generate and score modes, with ppo_textworld.py's default flags.
 
     python bench/bench_rollout.py                      # SmolLM2-135M, default games, 8 slots, 4 timed steps per mode
-    python bench/bench_rollout.py --num_steps 8
+    python bench/bench_rollout.py --turns_per_slot 8
 
 Each mode plays with the policy (PolicyWithValue) and the frozen reference exactly as a PPO iteration does
 (lib.rollout.RolloutCollector / ScoringRolloutCollector.collect: prompts, generation or candidate scoring, the
-policy+value and reference forwards, the env steps): one untimed step warms up, then `num_steps` timed steps.
+policy+value and reference forwards, the env steps): one untimed step warms up, then `turns_per_slot` timed steps.
 Reported per mode: env steps per second, and tokens per second the policy read (prompt + response tokens; score mode:
 prompt + every candidate's tokens); generate mode also its generated tokens per second. The last line printed is one
 JSON object for scripts.
@@ -37,8 +37,8 @@ class BenchArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy (and reference) model."})
     games: str = field(default="default", metadata={"help": "Game source (lib/games.py); its train split is played."})
     num_envs: int = field(default=8, metadata={"help": "Game slots (ppo_textworld.py's default)."})
-    num_steps: int = field(default=4, metadata={"help": "Timed turns per slot and mode (after one warm-up turn)."})
-    max_episode_steps: int = field(default=12, metadata={"help": "Step limit of an episode (ppo_textworld.py's default)."})
+    turns_per_slot: int = field(default=4, metadata={"help": "Timed turns per slot and mode (after one warm-up turn)."})
+    max_episode_turns: int = field(default=12, metadata={"help": "Step limit of an episode (ppo_textworld.py's default)."})
     threads: int = field(default=0, metadata={"help": "torch threads (0: all cores)."})
 
 
@@ -52,7 +52,7 @@ def read_tokens(turns) -> int:
 
 def bench_mode(mode: str, model, ref_model, tokenizer, games: list[str], args: BenchArguments) -> dict:
     rollout_args = RolloutArguments(action_mode=mode)
-    with BatchEnv(games, args.num_envs, args.max_episode_steps, shuffle=True, seed=0) as env:
+    with BatchEnv(games, args.num_envs, args.max_episode_turns, shuffle=True, seed=0) as env:
         if mode == "score":
             collector = ScoringRolloutCollector(
                 env, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args), reward_config(rollout_args)
@@ -63,7 +63,7 @@ def bench_mode(mode: str, model, ref_model, tokenizer, games: list[str], args: B
             )
         collector.collect(model, ref_model, 1)
         started = time.perf_counter()
-        rollout = collector.collect(model, ref_model, args.num_steps)
+        rollout = collector.collect(model, ref_model, args.turns_per_slot)
         seconds = time.perf_counter() - started
     turns = rollout.transitions
     result = {
@@ -80,7 +80,7 @@ def bench_mode(mode: str, model, ref_model, tokenizer, games: list[str], args: B
 
 def main() -> None:
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses()
-    for flag in ("num_envs", "num_steps", "max_episode_steps"):
+    for flag in ("num_envs", "turns_per_slot", "max_episode_turns"):
         if getattr(args, flag) < 1:
             sys.exit(f"error: --{flag} must be at least 1, got {getattr(args, flag)}")
     torch.set_num_threads(args.threads or os.cpu_count() or 1)

@@ -52,7 +52,7 @@ class Args:
 def game_states(games: list[str], args: Args, prompt_config: PromptConfig, tokenizer) -> tuple[list[str], list[list[str]]]:
     """Prompts and candidate commands of `num_states` states reached by random play."""
     agent = RandomAgent(args.seed)
-    with BatchEnv(games, args.num_states, max_episode_steps=50, seed=args.seed) as env:
+    with BatchEnv(games, args.num_states, max_episode_turns=50, seed=args.seed) as env:
         states = env.reset()
         histories: list[list[Turn]] = [[] for _ in states]
         for _ in range(args.random_steps):

@@ -99,14 +99,35 @@ def check_push_to_hub(repo_id: str | None) -> None:
         raise ValueError(f"--push_to_hub {repo_id!r} is not a repo id (name or owner/name)")
 
 
+# Old flag names that still work for one release (with a warning): they meant "turn" where they said "step".
+DEPRECATED_FLAGS = {"num_steps": "turns_per_slot", "max_episode_steps": "max_episode_turns"}
+
+
+def renamed_flags(argv: list[str]) -> list[str]:
+    """argv with every deprecated flag name replaced by its new one, warning once per name on stderr."""
+    import sys
+
+    renamed = []
+    for item in argv:
+        name, separator, value = item.partition("=")
+        old = name.removeprefix("--")
+        if name.startswith("--") and old in DEPRECATED_FLAGS:
+            new = DEPRECATED_FLAGS[old]
+            print(f"warning: --{old} is deprecated and will be removed in the next release; use --{new}", file=sys.stderr)
+            item = f"--{new}{separator}{value}"
+        renamed.append(item)
+    return renamed
+
+
 def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     """One instance per dataclass, from command-line flags, or from a YAML file given first (its keys are flag names)
-    followed by flags that override it."""
+    followed by flags that override it. Deprecated flag names (DEPRECATED_FLAGS) are renamed with a warning."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
     if argv and argv[0].endswith((".yaml", ".yml")):
         argv = yaml_flags(argv[0]) + argv[1:]
+    argv = renamed_flags(argv)
     *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown flag(s) or argument(s) {' '.join(unknown)}; see --help for the flags")

@@ -174,7 +174,7 @@ class BatchEnv:
         self,
         games: list[str],
         num_envs: int,
-        max_episode_steps: int = 50,
+        max_episode_turns: int = 50,
         num_episodes: int | None = None,
         shuffle: bool = False,
         seed: int = 0,
@@ -189,11 +189,11 @@ class BatchEnv:
                 f"{world_size} processes but only {len(games)} games: every process needs at least one game; "
                 "use more games or fewer processes"
             )
-        if num_envs < 1 or max_episode_steps < 1:
-            raise ValueError("num_envs and max_episode_steps must be at least 1")
+        if num_envs < 1 or max_episode_turns < 1:
+            raise ValueError("num_envs and max_episode_turns must be at least 1")
         self.games = list(games)[rank::world_size]
         self.num_envs = num_envs
-        self.max_episode_steps = max_episode_steps
+        self.max_episode_turns = max_episode_turns
         self.num_episodes = num_episodes
         self.shuffle = shuffle
         self.seed = seed
@@ -326,7 +326,7 @@ class BatchEnv:
             else:
                 after = self._state(slot, packed, before.steps + 1)
                 terminated = packed["done"] or after.won or after.lost
-            truncated = not terminated and (crashed or after.steps >= self.max_episode_steps)
+            truncated = not terminated and (crashed or after.steps >= self.max_episode_turns)
             results[slot] = StepResult(
                 command=commands[slot],
                 reward=float(after.score - before.score),

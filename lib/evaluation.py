@@ -132,7 +132,7 @@ def evaluate(
     games: list[str],
     num_episodes: int,
     num_envs: int,
-    max_episode_steps: int,
+    max_episode_turns: int,
     prompt_config: PromptConfig,
     tokenizer=None,
     seed: int = 0,
@@ -167,7 +167,7 @@ def evaluate(
         return sync_active(playing) if sync_active else playing
 
     bar = tqdm(total=len(episode_ids), desc=f"eval {agent.name}", disable=not progress)
-    with BatchEnv(games, num_envs, max_episode_steps, num_episodes=len(episode_ids), seed=seed, rank=rank,
+    with BatchEnv(games, num_envs, max_episode_turns, num_episodes=len(episode_ids), seed=seed, rank=rank,
                   world_size=world_size) as env:
         states = env.reset()
         histories: list[list[Turn]] = [[] for _ in range(num_envs)]

@@ -83,6 +83,7 @@ def whiten_with_stats(
     x: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
+    *,
     shift_mean: bool = True,
     eps: float = 1e-8,
     mask: torch.Tensor | None = None,
@@ -99,19 +100,19 @@ def whiten_with_stats(
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
     """Whiten x using the mean and unbiased variance of its valid entries only.
 
     x, mask: same shape; the output has that shape and is 0 at masked positions.
     """
-    return whiten_with_stats(x, masked_mean(x, mask), masked_var(x, mask), shift_mean, eps, mask=mask)
+    return whiten_with_stats(x, masked_mean(x, mask), masked_var(x, mask), shift_mean=shift_mean, eps=eps, mask=mask)
 
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
-def kl_estimate(logprob: torch.Tensor, ref_logprob: torch.Tensor, estimator: str) -> torch.Tensor:
+def kl_estimate(logprob: torch.Tensor, ref_logprob: torch.Tensor, *, estimator: str) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from log-probs of tokens sampled from pi.
 
     With log r = ref_logprob - logprob (any shape, elementwise):
@@ -133,7 +134,7 @@ def kl_estimate(logprob: torch.Tensor, ref_logprob: torch.Tensor, estimator: str
 KL_DIRECTIONS = ("reverse", "forward")
 
 
-def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, direction: str = "reverse") -> torch.Tensor:
+def exact_kl(logits: torch.Tensor, ref_logits: torch.Tensor, *, direction: str = "reverse") -> torch.Tensor:
     """Analytic KL over the whole vocabulary at each position: (B, T, V) -> (B, T).
 
     reverse: KL(pi || ref) = sum_v pi_v (log pi_v - log ref_v)
@@ -172,6 +173,7 @@ def gae_advantages(
     mask: torch.Tensor,
     next_values: torch.Tensor,
     dones: torch.Tensor,
+    *,
     gamma_token: float,
     gamma_turn: float,
     lam: float,
@@ -220,9 +222,10 @@ def turn_gae(
     mask: torch.Tensor,
     next_values: torch.Tensor,
     dones: torch.Tensor,
+    truncateds: torch.Tensor | None = None,
+    *,
     gamma: float,
     lam: float,
-    truncateds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn-level GAE where each turn is one decision; all inputs (N, L), time-ordered.
 
@@ -263,6 +266,7 @@ def policy_loss(
     old_logprobs: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
+    *,
     clip_range: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate, averaged over all valid tokens of the batch.
@@ -270,7 +274,7 @@ def policy_loss(
     All inputs (B, T). ratio = exp(logprobs - old_logprobs),
     loss = masked_mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))).
     Stats (detached 0-d tensors): clipfrac (share of tokens where the clipped
-    term wins), approx_kl = masked_mean((ratio - 1) - log ratio), ratio_mean.
+    term wins), approx_kl = masked_mean((ratio - 1) - log ratio).
     """
     log_ratio = _zero_masked(logprobs - old_logprobs, mask)
     advantages = _zero_masked(advantages, mask)
@@ -282,7 +286,6 @@ def policy_loss(
         stats = {
             "clipfrac": masked_mean((clipped > unclipped).to(ratio.dtype), mask),
             "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
-            "ratio_mean": masked_mean(ratio, mask),
         }
     return loss, stats
 
@@ -292,6 +295,7 @@ def value_loss(
     old_values: torch.Tensor,
     returns: torch.Tensor,
     mask: torch.Tensor,
+    *,
     clip_range_value: float | None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss, averaged over all valid tokens. All inputs (B, T).
@@ -364,7 +368,7 @@ class FixedKLController:
 
 
 def penalized_rewards(
-    kl: torch.Tensor, turn_rewards: torch.Tensor, mask: torch.Tensor, kl_coef: float
+    kl: torch.Tensor, turn_rewards: torch.Tensor, mask: torch.Tensor, *, kl_coef: float
 ) -> torch.Tensor:
     """Per-token rewards of a batch of responses: -kl_coef * kl at every valid token, plus the turn's environment
     reward on its last valid token. kl, mask: (B, T) right-padded; turn_rewards: (B,). Returns (B, T), 0 where masked.
@@ -385,11 +389,12 @@ def ppo_loss(
     old_values: torch.Tensor,
     advantages: torch.Tensor,
     returns: torch.Tensor,
+    ref_logits: torch.Tensor | None = None,
+    *,
     clip_range: float,
     clip_range_value: float | None,
     vf_coef: float,
     ent_coef: float,
-    ref_logits: torch.Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -401,15 +406,15 @@ def ppo_loss(
     (the KL term only when ref_logits is given). Stats: detached 0-d tensors.
     """
     logprobs = logprobs_from_logits(logits, labels)
-    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
-    vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_range_value)
+    pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
+    vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_range_value=clip_range_value)
     # The entropy only needs a graph when it is part of the loss; (B, T, V) intermediates are the largest tensors.
     with torch.set_grad_enabled(ent_coef != 0 and torch.is_grad_enabled()):
         entropy = masked_mean(entropy_from_logits(logits), mask)
     loss = pg_loss + vf_coef * vf_loss - ent_coef * entropy
     kl_loss = torch.zeros_like(loss)
     if ref_logits is not None:
-        kl_loss = masked_mean(exact_kl(logits, ref_logits, kl_direction), mask)
+        kl_loss = masked_mean(exact_kl(logits, ref_logits, direction=kl_direction), mask)
         loss = loss + kl_loss_coef * kl_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
@@ -424,7 +429,6 @@ def _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats: dict, vf_stats: di
         "approx_kl": pg_stats["approx_kl"],
         "clipfrac": pg_stats["clipfrac"],
         "value_clipfrac": vf_stats["clipfrac"],
-        "ratio_mean": pg_stats["ratio_mean"],
     }
 
 
@@ -437,11 +441,12 @@ def candidate_ppo_loss(
     old_values: torch.Tensor,
     advantages: torch.Tensor,
     returns: torch.Tensor,
+    ref_logprobs: torch.Tensor | None = None,
+    *,
     clip_range: float,
     clip_range_value: float | None,
     vf_coef: float,
     ent_coef: float,
-    ref_logprobs: torch.Tensor | None = None,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -456,8 +461,9 @@ def candidate_ppo_loss(
     """
     turns = torch.ones_like(old_logprobs, dtype=torch.bool)[:, None]  # each turn: a one-token response
     chosen_logprobs = logprobs.gather(1, chosen[:, None])
-    pg_loss, pg_stats = policy_loss(chosen_logprobs, old_logprobs[:, None], advantages[:, None], turns, clip_range)
-    vf_loss, vf_stats = value_loss(values[:, None], old_values[:, None], returns[:, None], turns, clip_range_value)
+    pg_loss, pg_stats = policy_loss(chosen_logprobs, old_logprobs[:, None], advantages[:, None], turns, clip_range=clip_range)
+    vf_loss, vf_stats = value_loss(values[:, None], old_values[:, None], returns[:, None], turns,
+                                   clip_range_value=clip_range_value)
     logprobs = _zero_masked(logprobs, mask)
     probabilities = _zero_masked(logprobs.exp(), mask)
     entropy = -masked_sum(probabilities * logprobs, mask, dim=1).mean()
@@ -481,6 +487,7 @@ def sft_loss(
     labels: torch.Tensor,
     mask: torch.Tensor,
     ref_logits: torch.Tensor | None = None,
+    *,
     kl_coef: float = 0.0,
     kl_direction: str = "reverse",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -494,7 +501,7 @@ def sft_loss(
     nll = masked_mean(-logprobs_from_logits(logits, labels), mask)
     kl = torch.zeros_like(nll)
     if ref_logits is not None:
-        kl = masked_mean(exact_kl(logits, ref_logits, kl_direction), mask)
+        kl = masked_mean(exact_kl(logits, ref_logits, direction=kl_direction), mask)
     loss = nll + kl_coef * kl
     with torch.no_grad():
         accuracy = masked_mean((logits.argmax(dim=-1) == labels).to(nll.dtype), mask)

@@ -1,6 +1,6 @@
 """Playing turns with the policy, caching what PPO needs per response token, and the rollout dataset on disk.
 
-One `RolloutCollector.collect(model, ref_model, num_steps)` plays num_steps turns in each of the B env slots:
+One `RolloutCollector.collect(model, ref_model, turns_per_slot)` plays turns_per_slot turns in each of the B env slots:
 
   for each step:  prompt per slot  (lib.prompts.build_prompt: objective, cleaned observation, history)
                   -> lib.generation.generate on the policy (sampling; response ids through the stop token)
@@ -221,13 +221,13 @@ class RolloutCollector:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def collect(self, model, ref_model, num_steps: int) -> Rollout:
-        """Play num_steps turns in every slot; `model` is the (unwrapped) PolicyWithValue, `ref_model` a plain LM."""
+    def collect(self, model, ref_model, turns_per_slot: int) -> Rollout:
+        """Play turns_per_slot turns in every slot; `model` is the (unwrapped) PolicyWithValue, `ref_model` a plain LM."""
         pad_id = self.tokenizer.pad_token_id
         rollout = Rollout([])
         previous: list[Transition] = []
         pending: list[tuple[Transition, list[int]]] = []  # truncated turns and their final-state prompt ids
-        for _ in range(num_steps):
+        for _ in range(turns_per_slot):
             if any(state is None for state in self.states):
                 raise RuntimeError("an env slot went idle during training: do not set num_episodes on the train env")
             prompts = [self.prompt(state, history) for state, history in zip(self.states, self.histories)]
@@ -419,7 +419,7 @@ def play_episodes(
     games: list[str],
     num_episodes: int,
     num_envs: int,
-    max_episode_steps: int,
+    max_episode_turns: int,
     prompt_config: PromptConfig,
     tokenizer,
     reward_config: RewardConfig,
@@ -435,7 +435,7 @@ def play_episodes(
     """
     recorder = _RewardRecorder(agent, reward_config, rank_episodes(num_episodes, len(games), rank, world_size))
     result = evaluate(
-        recorder, games, num_episodes, num_envs, max_episode_steps, prompt_config, tokenizer=tokenizer, seed=seed,
+        recorder, games, num_episodes, num_envs, max_episode_turns, prompt_config, tokenizer=tokenizer, seed=seed,
         rank=rank, world_size=world_size, progress=False,
     )
     return recorder.turns, result.report

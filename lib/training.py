@@ -36,7 +36,7 @@ LOG_DIR = "runs"
 # change on resume (a resumed run equals the uninterrupted one only when none does).
 RESUME_MUST_MATCH = frozenset({
     "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
-    "detach_value_head", "action_mode", "train_games", "seed", "num_envs", "max_episode_steps",
+    "detach_value_head", "action_mode", "train_games", "seed", "num_envs", "max_episode_turns",
 })
 
 
@@ -261,14 +261,14 @@ def gathered_for_evaluation(model, zero3: bool):
         yield
 
 
-def run_evaluation(accelerator, agent, games: list[str], num_episodes: int, num_envs: int, max_episode_steps: int,
+def run_evaluation(accelerator, agent, games: list[str], num_episodes: int, num_envs: int, max_episode_turns: int,
                    prompt_config: PromptConfig, tokenizer, seed: int) -> dict | None:
     """Each process plays its share of the eval games (num_envs slots in total); the reports are merged over
     processes. None when num_episodes is 0."""
     if num_episodes == 0:
         return None
     result = evaluate(
-        agent, games, num_episodes, max(1, num_envs // accelerator.num_processes), max_episode_steps,
+        agent, games, num_episodes, max(1, num_envs // accelerator.num_processes), max_episode_turns,
         prompt_config, tokenizer=tokenizer, seed=seed, rank=accelerator.process_index,
         world_size=accelerator.num_processes, progress=False,
     )

@@ -25,7 +25,7 @@ CASES = {
     "missing YAML config": (RS, ["{tmp}/missing.yaml"], ["config file not found: {tmp}/missing.yaml", "check the path"], False),
     "unknown flag": (PPO, ["--no_such_flag", "1"], ["unknown flag", "--no_such_flag", "see --help"], True),
     "contradictory keep rules": (RS, ["--keep_top_percent", "10", "--keep_top_n", "3"], ["--keep_top_percent and --keep_top_n", "pass one of them"], True),
-    "batch not divisible by minibatches": (PPO, ["--num_envs", "3", "--num_steps", "1"], ["num_steps = 3 turns", "divisible by --num_minibatches 2"], True),
+    "batch not divisible by minibatches": (PPO, ["--num_envs", "3", "--turns_per_slot", "1"], ["turns_per_slot = 3 turns", "divisible by --num_minibatches 2"], True),
     "accumulation not dividing the minibatch": (PPO, ["--gradient_accumulation_steps", "3"], ["minibatch (32 turns)", "divisible by --gradient_accumulation_steps 3"], True),
     "zero learning rate": (PPO, ["--learning_rate", "0"], ["--learning_rate must be positive", "got 0.0"], True),
     "negative learning rate (rejection sampling)": (RS, ["--learning_rate=-1e-5"], ["--learning_rate must be positive"], True),

@@ -36,9 +36,9 @@ def play_all(env: BatchEnv) -> dict[str, list[tuple]]:
 
 
 def test_batched_steps_match_solo_steps(small_games):
-    with BatchEnv(small_games, num_envs=4, max_episode_steps=8, num_episodes=4) as env:
+    with BatchEnv(small_games, num_envs=4, max_episode_turns=8, num_episodes=4) as env:
         batched = play_all(env)
-    with BatchEnv(small_games, num_envs=1, max_episode_steps=8, num_episodes=4) as env:
+    with BatchEnv(small_games, num_envs=1, max_episode_turns=8, num_episodes=4) as env:
         solo = play_all(env)
     assert sorted(batched) == sorted(small_games)
     assert batched == solo
@@ -46,7 +46,7 @@ def test_batched_steps_match_solo_steps(small_games):
 
 
 def test_walkthrough_wins_rewards_are_score_changes_and_auto_reset(tiny_games):
-    with BatchEnv(tiny_games, num_envs=1, max_episode_steps=10) as env:
+    with BatchEnv(tiny_games, num_envs=1, max_episode_turns=10) as env:
         state = env.reset()[0]
         assert (state.game, state.episode, state.steps, state.score) == (tiny_games[0], 0, 0, 0)
         for episode in range(3):
@@ -69,7 +69,7 @@ def test_walkthrough_wins_rewards_are_score_changes_and_auto_reset(tiny_games):
 
 
 def test_truncation_invalid_commands_and_idle_slots(tiny_games):
-    with BatchEnv(tiny_games, num_envs=3, max_episode_steps=2, num_episodes=2) as env:
+    with BatchEnv(tiny_games, num_envs=3, max_episode_turns=2, num_episodes=2) as env:
         states = env.reset()
         assert [s is None for s in states] == [False, False, True]
         first = env.step(["look", "dance wildly", None])
@@ -87,7 +87,7 @@ def test_truncation_invalid_commands_and_idle_slots(tiny_games):
 
 
 def test_killed_worker_truncates_the_episode_and_the_run_goes_on(tiny_games):
-    with BatchEnv(tiny_games, num_envs=2, max_episode_steps=10, step_timeout=20) as env:
+    with BatchEnv(tiny_games, num_envs=2, max_episode_turns=10, step_timeout=20) as env:
         states = env.reset()
         env.step(["look", "look"])
         os.kill(env._workers[0].process.pid, signal.SIGKILL)
@@ -141,7 +141,7 @@ def test_workers_do_not_rerun_the_parents_script(tiny_games, tmp_path):
 
 def test_hung_worker_is_treated_like_a_dead_one(tiny_games):
     # One slot: under a loaded machine a healthy game could also miss a short timeout.
-    with BatchEnv(tiny_games[:1], num_envs=1, max_episode_steps=10, step_timeout=10) as env:
+    with BatchEnv(tiny_games[:1], num_envs=1, max_episode_turns=10, step_timeout=10) as env:
         env.reset()
         os.kill(env._workers[0].process.pid, signal.SIGSTOP)  # alive, never answers
         (hung,) = env.step(["look"])
@@ -153,7 +153,7 @@ def test_hung_worker_is_treated_like_a_dead_one(tiny_games):
 
 def test_state_dict_puts_every_slot_back_where_it_stood(small_games):
     """A fresh env loaded from state_dict continues exactly like the env it was taken from (episodes, games, steps)."""
-    options = {"num_envs": 3, "max_episode_steps": 4, "shuffle": True, "seed": 3}
+    options = {"num_envs": 3, "max_episode_turns": 4, "shuffle": True, "seed": 3}
     with BatchEnv(small_games, **options) as env:
         env.reset()
         for commands in (["look"] * 3, ["inventory", "look", "go north"], ["look"] * 3, ["look"] * 3, ["look"] * 3):

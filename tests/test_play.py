@@ -176,7 +176,7 @@ def test_model_agent_answers_active_slots(tiny_model_path):
 
 def test_evaluation_split_over_ranks_merges_to_the_single_run(small_games):
     # One step per episode: the treasure hunts (one-step walkthroughs) are won, the coin hunts (two steps) are not.
-    options = dict(num_episodes=6, num_envs=3, max_episode_steps=1, prompt_config=PromptConfig(), progress=False)
+    options = dict(num_episodes=6, num_envs=3, max_episode_turns=1, prompt_config=PromptConfig(), progress=False)
     single = evaluate(WalkthroughAgent(), small_games, **options)
     ranks = [evaluate(WalkthroughAgent(), small_games, rank=r, world_size=2, **options) for r in range(2)]
     report = single.report
@@ -218,7 +218,7 @@ def test_evaluation_keeps_in_step_with_other_processes(tiny_games, monkeypatch):
             self.idle_calls += all(s is None for s in states)
             return super().act(states, prompts)
 
-    options = dict(num_envs=2, max_episode_steps=3, prompt_config=PromptConfig(), progress=False)
+    options = dict(num_envs=2, max_episode_turns=3, prompt_config=PromptConfig(), progress=False)
     agent = CountingAgent()
     result = evaluate(agent, tiny_games, num_episodes=2, sync_active=others_playing_for(3), **options)
     assert agent.idle_calls == 3
@@ -244,7 +244,7 @@ def test_evaluation_keeps_in_step_with_other_processes(tiny_games, monkeypatch):
 def test_play_random_end_to_end(small_games, tmp_path):
     out = tmp_path / "random"
     result = run_play("--agent", "random", "--games", ",".join(small_games), "--num_episodes", "8", "--num_envs", "4",
-                      "--max_episode_steps", "10", "--output_dir", str(out), cwd=tmp_path)
+                      "--max_episode_turns", "10", "--output_dir", str(out), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "all (random)" in result.stdout
     report = json.loads((out / "report.json").read_text())
@@ -278,7 +278,7 @@ def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeyp
     monkeypatch.setattr(play.Dataset, "push_to_hub", lambda dataset, repo_id: pushed.append((repo_id, len(dataset))))
     out = tmp_path / "model"
     code = play.main(["--agent", "model", "--action_mode", "generate", "--model_name_or_path", tiny_model_path,
-                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_steps", "3", "--max_new_tokens", "4",
+                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3", "--max_new_tokens", "4",
                       "--output_dir", str(out), "--push_to_hub", "someone/transcripts"])
     assert code == 0
     assert "all (model)" in capsys.readouterr().out

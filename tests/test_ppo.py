@@ -64,7 +64,7 @@ def test_every_sample_of_a_minibatch_gets_gradient(tiny_model_path):
 
 
 BAD_FLAGS = [
-    (["--num_envs", "3", "--num_steps", "1"], "--num_minibatches"),
+    (["--num_envs", "3", "--turns_per_slot", "1"], "--num_minibatches"),
     (["--gradient_accumulation_steps", "3"], "--gradient_accumulation_steps"),
     (["--clip_range", "0"], "--clip_range"),
     (["--clip_range_value=-0.1"], "--clip_range_value"),
@@ -135,8 +135,8 @@ def run_script(args, launcher=(sys.executable,), timeout=400):
 def tiny_run_args(tiny_model_path, tiny_games, output_dir, **overrides):
     flags = {
         "model_name_or_path": tiny_model_path, "train_games": ",".join(tiny_games), "eval_games": ",".join(tiny_games),
-        "output_dir": str(output_dir), "num_envs": 2, "num_steps": 2, "num_minibatches": 2,
-        "gradient_accumulation_steps": 1, "max_new_tokens": 4, "max_episode_steps": 3, "eval_episodes": 2,
+        "output_dir": str(output_dir), "num_envs": 2, "turns_per_slot": 2, "num_minibatches": 2,
+        "gradient_accumulation_steps": 1, "max_new_tokens": 4, "max_episode_turns": 3, "eval_episodes": 2,
         "trainable_layers_fraction": 0.5, "learning_rate": 1e-3, "progress": False, "report_to": "tensorboard",
         "action_mode": "generate", **overrides,
     }
@@ -177,7 +177,7 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
     assert all(torch.equal(root[key], saved[key]) for key in saved)
 
     dataset = load_rollouts(output)
-    assert dataset.num_rows == 2 * 2 * 2  # num_envs * num_steps * iterations
+    assert dataset.num_rows == 2 * 2 * 2  # num_envs * turns_per_slot * iterations
     # The reference stayed where it started: after one update the policy has moved away from it.
     assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) > 1e-6
     assert list((output / "runs").rglob("events.out.tfevents*"))

@@ -206,7 +206,7 @@ def run_script(args, launcher=(sys.executable,), timeout=300):
 def tiny_args(tiny_model_path, tiny_games, output_dir, **overrides):
     flags = {
         "model_name_or_path": tiny_model_path, "train_games": ",".join(tiny_games), "eval_games": ",".join(tiny_games),
-        "output_dir": str(output_dir), "episodes_per_round": 4, "num_envs": 2, "max_episode_steps": 3,
+        "output_dir": str(output_dir), "episodes_per_round": 4, "num_envs": 2, "max_episode_turns": 3,
         "eval_episodes": 2, "max_new_tokens": 4, "train_batch_size": 4, "learning_rate": 1e-3,
         "trainable_layers_fraction": 0.5, "progress": False, "report_to": "none", "action_mode": "generate",
         **overrides,

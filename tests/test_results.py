@@ -36,7 +36,7 @@ def test_table_reads_reports_and_trainer_states(tmp_path, monkeypatch):
     assert combined["env_steps"] == 140 and combined["wall_time_s"] == 1500 and combined["normalized_score"] == 0.6
     assert combined["curve"] == [[100, 0.5], [140, 0.6]] and combined["command"] == "cmd rs_score && cmd rs_then_ppo_score"
     markdown = (tmp_path / "docs/results.md").read_text()
-    assert "(num_episodes=12, max_episode_steps=12)" in markdown and "| 0.600 | 0.600 | 0.000 | 140 | 25.0 min | m |" in markdown
+    assert "(num_episodes=12, max_episode_turns=12)" in markdown and "| 0.600 | 0.600 | 0.000 | 140 | 25.0 min | m |" in markdown
     assert (tmp_path / "docs/curves_default.png").stat().st_size > 0
 
 

@@ -35,8 +35,8 @@ def flags(**values) -> list[str]:
 def ppo_args(model, games, output) -> list[str]:
     return flags(
         model_name_or_path=model, train_games=",".join(games), eval_games=",".join(games), output_dir=output,
-        num_iterations=PPO_ITERATIONS, num_envs=2, num_steps=3, num_minibatches=3, gradient_accumulation_steps=1,
-        max_episode_steps=4, eval_episodes=2, eval_every=2, save_every=1, save_total_limit=0, max_candidates=3,
+        num_iterations=PPO_ITERATIONS, num_envs=2, turns_per_slot=3, num_minibatches=3, gradient_accumulation_steps=1,
+        max_episode_turns=4, eval_episodes=2, eval_every=2, save_every=1, save_total_limit=0, max_candidates=3,
         length_normalize=True, temperature=4, trainable_layers_fraction=0.5, learning_rate=1e-3, progress=False,
     )
 
@@ -44,7 +44,7 @@ def ppo_args(model, games, output) -> list[str]:
 def rs_args(model, games, output) -> list[str]:
     return flags(
         model_name_or_path=model, train_games=",".join(games), eval_games=",".join(games), output_dir=output,
-        num_rounds=RS_ROUNDS, episodes_per_round=4, num_envs=2, max_episode_steps=3, eval_episodes=2,
+        num_rounds=RS_ROUNDS, episodes_per_round=4, num_envs=2, max_episode_turns=3, eval_episodes=2,
         train_batch_size=4, learning_rate=1e-3, trainable_layers_fraction=0.5, save_total_limit=0, progress=False,
         report_to="tensorboard", action_mode="generate", max_new_tokens=4, temperature=2,
     )

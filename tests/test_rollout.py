@@ -85,8 +85,8 @@ def collected(models):
         ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), GenerationConfig(max_new_tokens=4),
         RewardConfig(("score", "invalid")),
     )
-    first = collector.collect(model, ref, num_steps=4)
-    second = collector.collect(model, ref, num_steps=1)
+    first = collector.collect(model, ref, turns_per_slot=4)
+    second = collector.collect(model, ref, turns_per_slot=1)
     return first, second
 
 
@@ -212,7 +212,7 @@ def scored_rollouts(models):
         ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), ScoringConfig(temperature=2.0),
         RewardConfig(("score", "invalid")),
     )
-    return collector.collect(model, ref, num_steps=4), collector.collect(model, ref, num_steps=1)
+    return collector.collect(model, ref, turns_per_slot=4), collector.collect(model, ref, turns_per_slot=1)
 
 
 def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollouts, models):

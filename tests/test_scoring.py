@@ -173,7 +173,7 @@ def test_scoring_agent_skips_idle_slots_and_falls_back(tiny):
 def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsys):
     out = tmp_path / "score"
     code = play.main(["--agent", "model", "--action_mode", "score", "--model_name_or_path", tiny_model_path,
-                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_steps", "3",
+                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3",
                       "--max_candidates", "3", "--do_sample", "--temperature", "2", "--output_dir", str(out)])
     assert code == 0
     assert "all (model-score)" in capsys.readouterr().out

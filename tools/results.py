@@ -35,8 +35,8 @@ RESULT_FILE = "result.json"
 
 # The eval protocol of each set: the trainers' defaults (or the set's YAML configs) use the same episodes and limit.
 EVAL = {
-    "default": "--num_episodes 12 --max_episode_steps 12",
-    "hard": "--games hard --num_episodes 16 --max_episode_steps 30",
+    "default": "--num_episodes 12 --max_episode_turns 12",
+    "hard": "--games hard --num_episodes 16 --max_episode_turns 30",
 }
 # set -> name -> (command with {out} for the output folder, experiment it starts from or None, label)
 EXPERIMENTS = {
@@ -127,7 +127,7 @@ def read_row(game_set: str, name: str) -> dict | None:
 
 
 def protocol(game_set: str) -> str:
-    """`--num_episodes 12 --max_episode_steps 12` -> `num_episodes=12, max_episode_steps=12`."""
+    """`--num_episodes 12 --max_episode_turns 12` -> `num_episodes=12, max_episode_turns=12`."""
     words = EVAL[game_set].replace("--", "").split()
     return ", ".join(f"{key}={value}" for key, value in zip(words[::2], words[1::2]))
 
