@@ -5,7 +5,7 @@
     python play.py --agent human --games tiny
     python play.py --agent model --model_name_or_path outputs/ppo --output_dir outputs/eval
     python play.py --agent model --action_mode generate  # write commands instead of choosing admissible ones
-    python play.py my_eval.yaml                      # the same flags, read from a YAML file
+    python play.py my_eval.yaml --seed 1             # flags from a YAML file, then overrides
 
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
 --output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
@@ -15,13 +15,20 @@ Prints a table per game (normalized score, win rate, steps per episode, share of
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
 from the softmax over the scores at --temperature. Its transcripts add each turn's `candidates` and `chosen_index`.
+
+A model from a training output folder plays the way it was trained: the prompt and scoring settings (TRAINING_SETTINGS)
+default to those in the training_args.json of the folder it loads, unless given as flags; one printed line and
+report.json's `settings_source` say where each came from.
 """
 
+import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,17 +37,24 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
+from lib.arguments import parse_arguments, renamed_flags, yaml_flags
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
 from lib.prompts import PROMPT_FORMATS, PromptConfig
 from lib.scoring import ACTION_MODES, ScoringConfig
+from lib.training import ARGS_FILE
 
 AGENTS = ("random", "walkthrough", "human", "model")
 SPLITS = ("train", "eval")
 REPORT_FILE = "report.json"
 TRANSCRIPTS_DIR = "transcripts"
+# How a trained model was prompted and chose its commands: played otherwise, it meets prompts it never saw. The
+# sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
+TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
+                     "length_normalize", "prompt_format", "action_mode", "max_new_tokens")
+FROM_COMMAND_LINE, FROM_DEFAULT = "command line", "default"
 
 
 @dataclass
@@ -68,7 +82,8 @@ class Args:
     )
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
-        metadata={"help": "model agent: Hub id, model folder, training output folder, or .gguf file"},
+        metadata={"help": "model agent: Hub id, model folder, training output folder (played with the prompt and "
+                          "scoring settings of its training_args.json), or .gguf file"},
     )
     dtype: str = field(default="float32", metadata={"help": f"model weights dtype: {', '.join(DTYPES)}"})
     device: str = field(
@@ -115,13 +130,24 @@ class Args:
 
 
 def parse_args(argv: list[str] | None = None) -> Args:
-    argv = sys.argv[1:] if argv is None else argv
+    """Args from flags, or from a YAML file given first and then flags that override it (as the trainers read
+    theirs)."""
+    return parse_arguments((Args,), sys.argv[1:] if argv is None else argv)[0]
+
+
+def fields_given(argv: list[str]) -> set[str]:
+    """The Args fields that argv sets, a YAML file's keys included, as the parser reads them: `--no_hint`,
+    `--hint False`, `--memory-turns 1`, abbreviations and deprecated names count too."""
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = yaml_flags(argv[0]) + argv[1:]
+    with contextlib.redirect_stderr(io.StringIO()):  # parse_arguments has warned of the deprecated names already
+        argv = renamed_flags(argv)
     parser = HfArgumentParser(Args)
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        if not Path(argv[0]).is_file():
-            raise ValueError(f"config file not found: {argv[0]}")
-        return parser.parse_yaml_file(argv[0])[0]
-    return parser.parse_args_into_dataclasses(args=argv)[0]
+    for action in parser._actions:  # argparse has no public way to drop the defaults and types the fields declare
+        # No default: only the fields argv sets reach the namespace. No type: parse_arguments has checked the values,
+        # and reads some that the field's type would refuse (`none` for None).
+        action.default, action.type = argparse.SUPPRESS, None
+    return set(vars(parser.parse_known_args(argv)[0]))
 
 
 def prompt_config(args: Args) -> PromptConfig:
@@ -141,11 +167,9 @@ def check_args(args: Args) -> None:
     """Every flag checked without loading a model or generating a game; raises ValueError naming the flag."""
     if args.agent not in AGENTS:
         raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
-    if args.action_mode not in ACTION_MODES:
-        raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
     if args.split not in SPLITS:
         raise ValueError(f"--split {args.split!r} is unknown; choose one of {', '.join(SPLITS)}")
-    for flag in ("num_envs", "max_episode_turns", "max_new_tokens", "num_episodes"):
+    for flag in ("num_envs", "max_episode_turns", "num_episodes"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
@@ -164,12 +188,7 @@ def check_args(args: Args) -> None:
             raise ValueError(
                 f"--push_to_hub {args.push_to_hub!r} is not a repo id ('name' or 'owner/name'): {error}"
             ) from None
-    try:
-        prompt_config(args)
-        generation_config(args)
-        scoring_config(args)
-    except ValueError as error:
-        raise ValueError(f"prompt/generation/scoring flags: {error}") from None
+    check_play_settings(args)
     if args.agent == "model":
         if args.dtype not in DTYPES:
             raise ValueError(f"--dtype {args.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
@@ -182,6 +201,70 @@ def check_args(args: Args) -> None:
             resolve_model(args.model_name_or_path)
         except ModelError as error:
             raise ValueError(f"--model_name_or_path: {error}") from None
+
+
+def check_play_settings(args: Args) -> None:
+    """The prompt, generation and scoring flags, the TRAINING_SETTINGS among them."""
+    if args.action_mode not in ACTION_MODES:
+        raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    try:
+        prompt_config(args)
+        generation_config(args)
+        scoring_config(args)
+    except ValueError as error:
+        raise ValueError(f"prompt/generation/scoring flags: {error}") from None
+
+
+def read_training_settings(model_name_or_path: str) -> tuple[Path | None, dict]:
+    """(training_args.json of the folder the model loads from, its TRAINING_SETTINGS), or (None, {}) for a model
+    that no training run wrote (a Hub id, a plain model folder, a .gguf file)."""
+    source, _ = resolve_model(model_name_or_path)
+    path = Path(source) / ARGS_FILE
+    if not path.is_file():
+        return None, {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); fix it or delete it") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path} holds a JSON {type(saved).__name__}, not an object of flag names and values")
+    return path, {name: saved[name] for name in TRAINING_SETTINGS if name in saved}
+
+
+def with_training_settings(args: Args, given: set[str]) -> tuple[Args, Path | None, dict[str, str]]:
+    """The model agent's args with the TRAINING_SETTINGS that are not in `given` taken from its training run, the
+    training_args.json read (None: none), and where each setting came from."""
+    path, saved = read_training_settings(args.model_name_or_path) if args.agent == "model" else (None, {})
+    taken = {name: value for name, value in saved.items() if name not in given}
+    merged = replace(args, **taken)
+    try:
+        check_setting_types(taken)
+        check_play_settings(merged)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    sources = {name: FROM_COMMAND_LINE if name in given else ARGS_FILE if name in taken else FROM_DEFAULT
+               for name in TRAINING_SETTINGS}
+    return merged, path, sources
+
+
+def check_setting_types(settings: dict) -> None:
+    """Values read from JSON skip the parser's type conversion: each must have its Args field's type (exactly, as a
+    bool is also an int)."""
+    defaults = {f.name: f.default for f in fields(Args)}
+    for name, value in settings.items():
+        expected = type(defaults[name])
+        if type(value) is not expected:
+            raise ValueError(f"{name} is {value!r}, not a {expected.__name__}")
+
+
+def describe_settings(path: Path, args: Args, sources: dict[str, str]) -> str:
+    """One line: the settings taken from `path` with their values, then the settings the flags gave."""
+    taken = [f"{name}={getattr(args, name)}" for name, source in sources.items() if source == ARGS_FILE]
+    flags = [name for name, source in sources.items() if source == FROM_COMMAND_LINE]
+    line = f"settings from {path}: {', '.join(taken) or 'none'}"
+    return f"{line} ({FROM_COMMAND_LINE}: {', '.join(flags)})" if flags else line
 
 
 def make_agent(args: Args):
@@ -201,12 +284,13 @@ def make_agent(args: Args):
     return ModelAgent(model, tokenizer, generation_config(args)), tokenizer
 
 
-def save_outputs(output_dir: str, report: dict, args: Args, dataset) -> None:
+def save_outputs(output_dir: str, report: dict, args: Args, settings_source: dict[str, str], dataset) -> None:
     """report.json and transcripts/, each written beside the target first and then renamed into place."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
     staging = folder / f".{REPORT_FILE}.{os.getpid()}"
-    staging.write_text(json.dumps({**report, "args": asdict(args)}, indent=2) + "\n")
+    record = {**report, "args": asdict(args), "settings_source": settings_source}
+    staging.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(staging, folder / REPORT_FILE)
     staging, target = folder / f".{TRANSCRIPTS_DIR}.{os.getpid()}", folder / TRANSCRIPTS_DIR
     dataset.save_to_disk(str(staging))
@@ -216,14 +300,18 @@ def save_outputs(output_dir: str, report: dict, args: Args, dataset) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     try:
         args = parse_args(argv)
         check_args(args)
+        args, settings_file, settings_source = with_training_settings(args, fields_given(argv))
         games = resolve_games(args.games, args.split, args.games_dir)
         agent, tokenizer = make_agent(args)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if settings_file is not None:
+        print(describe_settings(settings_file, args, settings_source))
 
     result = evaluate(
         agent,
@@ -241,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_dir or args.push_to_hub:
         dataset = Dataset.from_list(result.transcripts)
         if args.output_dir:
-            save_outputs(args.output_dir, result.report, args, dataset)
+            save_outputs(args.output_dir, result.report, args, settings_source, dataset)
             print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
         if args.push_to_hub:
             dataset.push_to_hub(args.push_to_hub)

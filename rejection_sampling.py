@@ -11,7 +11,7 @@ Launch:
 
 One round:
   1. play (lib.rollout.play_episodes): episodes_per_round whole episodes on the training games with the current
-     policy, sampling, with PPO's prompts and reward chain (the same RolloutArguments); each process plays the
+     policy, sampling, with PPO's prompts and rewards (the same RolloutArguments; REWARD_FN below); each process plays the
      episodes of its share of the games, num_envs / num_processes at a time;
   2. rank (lib.selection) the turns of all processes together: the candidates are whole episodes (value: return) or
      single turns (value: discounted return-to-go, --gamma), minus rank_kl_coef * the KL to the reference of the
@@ -32,102 +32,66 @@ or inf loss or gradient is skipped with a warning; --max_nonfinite_updates in a 
 Outputs (output_dir): the final policy (save_pretrained) + tokenizer + README.md, ready for
 `play.py --agent model --model_name_or_path outputs/rejection_sampling`; checkpoints/checkpoint-R after every round
 (same, plus training_state/ for resuming and trainer_state.json); rollouts/round-NNNNN datasets, one row per played
-turn, kept or not (lib.rollout.load_rollouts(output_dir, prefix="round")): round, process, game, episode, step,
-prompt, response, command, reward (reward chain), return (the episode's return, or the turn's return-to-go), kl (of
+turn, kept or not (lib.rollout.load_rollouts(output_dir, prefix="round")): round, process, game, episode, turn,
+prompt, response, command, reward (reward_fn), return (the episode's return, or the turn's return-to-go), kl (of
 the turn, 0 without --rank_kl_coef), objective (the value ranked), rank (1 = best; a turn has its episode's rank
 when ranking episodes), kept, won (the episode was won); runs/ tracker logs.
 """
 
-import copy
-import json
 import math
-import os
-import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import datasets
 import torch
-from accelerate.utils import gather_object, set_seed
-from tqdm.auto import tqdm
+from accelerate.utils import gather_object
 
-from lib.agents import ModelAgent, RandomAgent, ScoringAgent
+from lib.agents import ModelAgent, ScoringAgent
 from lib.arguments import (
-    TRACKERS,
     RolloutArguments,
-    check_push_to_hub,
-    check_report_to,
     check_rollout_arguments,
     generation_config,
-    parse_arguments,
     prompt_config,
     reward_config,
     scoring_config,
 )
 from lib.evaluation import merge_reports
-from lib.games import GameError, check_game_source, default_cache_dir
 from lib.losses import KL_DIRECTIONS, exact_kl, masked_sum, sft_loss
-from lib.models import CHECKPOINTS_DIR, DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer
+from lib.models import freeze_lower_layers
 from lib.prompts import answer_text
-from lib.rollout import ROLLOUTS_DIR, load_rollouts, pack_sequences, play_episodes, save_rollouts
+from lib.rewards import reward_chain
+from lib.rollout import load_rollouts, play_episodes, save_rollouts
 from lib.selection import Selection, returns_to_go, select
+from lib.sequences import model_inputs, pack_sequences, response_logits
 from lib.training import (
-    LOG_DIR,
-    TRAINER_STATE_FILE,
-    TRAINING_STATE_DIR,
-    NonFiniteError,
-    NonFiniteGuard,
-    build_accelerator,
+    RunArguments,
+    RunningMeans,
+    TrainingRun,
+    backward_and_step,
     build_optimizer,
-    check_output_dir,
-    describe,
-    eval_metrics,
-    evaluation_table,
-    find_resume_checkpoint,
+    check_run_arguments,
+    frozen_copy,
     gathered_for_evaluation,
-    prepare_reference,
-    push_to_hub,
-    resolve_game_sets,
-    run_evaluation,
-    save_checkpoint,
-    save_final_model,
+    load_policy_or_exit,
+    main_or_exit,
+    model_card,
+    parse_or_exit,
 )
-from lib.value_head import freeze_lower_layers, response_logits
 
 RANK_BY = ("episode", "turn")
 DEFAULT_KEEP_TOP_PERCENT = 25.0
 ROUND_PREFIX = "round"
 # The dataset's columns after `round` (see the module docstring).
-ROW_COLUMNS = ("process", "game", "episode", "step", "prompt", "response", "command", "reward", "return", "kl",
+ROW_COLUMNS = ("process", "game", "episode", "turn", "prompt", "response", "command", "reward", "return", "kl",
                "objective", "rank", "kept", "won")
 # Seeds the shuffle of each round's fine-tuning pairs: the same on every process, which take slices of one order.
 SHUFFLE_SEED_STRIDE = 1_000_003
 
 
 @dataclass
-class RunArguments:
-    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
+class RSRunArguments(RunArguments):
     output_dir: str = field(default="outputs/rejection_sampling", metadata={"help": "Where the final model, checkpoints, played turns and logs go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, played turns and logs of an earlier run in output_dir first."})
-    train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
-    eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
-    games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
     num_rounds: int = field(default=4, metadata={"help": "Rounds of play, select, fine-tune."})
     episodes_per_round: int = field(default=16, metadata={"help": "Episodes played per round, in total over all processes."})
-    num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (play and evaluation)."})
-    max_episode_turns: int = field(default=12, metadata={"help": "Commands per episode before it is truncated (training and evaluation)."})
-    seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, the order of the fine-tuning pairs)."})
-    dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    report_to: str = field(default="tensorboard", metadata={"help": f"Tracker: {', '.join(TRACKERS)}."})
-    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the final model and the played turns dataset to."})
-    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir); training goes on at the next round."})
-    eval_episodes: int = field(default=12, metadata={"help": "Held-out episodes per evaluation, before training and after every round (0: none)."})
-    save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
-    max_nonfinite_updates: int = field(default=3, metadata={"help": "Stop after this many optimizer steps in a row skipped for a NaN or inf loss or gradient."})
-    progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
 
 @dataclass
@@ -153,27 +117,29 @@ class FinetuneArguments:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the gradient norm to this (DeepSpeed: its gradient_clipping)."})
     kl_coef: float = field(default=0.0, metadata={"help": "Weight of the exact KL to the reference in the loss (0: no reference model is built unless --rank_kl_coef needs it)."})
     kl_direction: str = field(default="reverse", metadata={"help": f"Direction of the KL terms: {', '.join(KL_DIRECTIONS)}."})
-    trainable_layers_fraction: float = field(default=0.33, metadata={"help": "Train only this last fraction of decoder layers plus the final norm (and the LM head when not tied to the input embeddings); 1 trains all."})
 
 
-ALL_ARGUMENTS = (RunArguments, SelectionArguments, FinetuneArguments, RolloutArguments)
+ALL_ARGUMENTS = (RSRunArguments, SelectionArguments, FinetuneArguments, RolloutArguments)
+
+# A turn's reward: lib.rewards.reward_chain of the --reward flags by default, or any function of a
+# lib.rewards.TurnOutcome (see ppo_textworld.py's REWARD_FN for an example).
+REWARD_FN = None
 
 
-def check_arguments(run: RunArguments, selection: SelectionArguments, finetune: FinetuneArguments,
+def check_arguments(run: RSRunArguments, selection: SelectionArguments, finetune: FinetuneArguments,
                     rollout: RolloutArguments, world_size: int) -> None:
     """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
+    check_run_arguments(run, world_size)
     positive = {
-        "num_rounds": run.num_rounds, "episodes_per_round": run.episodes_per_round, "num_envs": run.num_envs,
-        "max_episode_turns": run.max_episode_turns, "num_train_epochs": finetune.num_train_epochs,
-        "learning_rate": finetune.learning_rate, "train_batch_size": finetune.train_batch_size,
-        "gradient_accumulation_steps": finetune.gradient_accumulation_steps, "max_grad_norm": finetune.max_grad_norm,
-        "max_nonfinite_updates": run.max_nonfinite_updates,
+        "num_rounds": run.num_rounds, "episodes_per_round": run.episodes_per_round,
+        "num_train_epochs": finetune.num_train_epochs, "learning_rate": finetune.learning_rate,
+        "train_batch_size": finetune.train_batch_size, "gradient_accumulation_steps": finetune.gradient_accumulation_steps,
+        "max_grad_norm": finetune.max_grad_norm,
     }
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name} must be positive, got {value}")
-    for name, value in (("eval_episodes", run.eval_episodes), ("save_total_limit", run.save_total_limit),
-                        ("kl_coef", finetune.kl_coef), ("rank_kl_coef", selection.rank_kl_coef)):
+    for name, value in (("kl_coef", finetune.kl_coef), ("rank_kl_coef", selection.rank_kl_coef)):
         if value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")
     if selection.rank_by not in RANK_BY:
@@ -188,12 +154,6 @@ def check_arguments(run: RunArguments, selection: SelectionArguments, finetune: 
         raise ValueError(f"--keep_top_n must be at least 1, got {selection.keep_top_n}")
     if finetune.kl_direction not in KL_DIRECTIONS:
         raise ValueError(f"--kl_direction {finetune.kl_direction!r} is unknown; choose one of {', '.join(KL_DIRECTIONS)}")
-    if not 0 < finetune.trainable_layers_fraction <= 1:
-        raise ValueError(f"--trainable_layers_fraction must be in (0, 1], got {finetune.trainable_layers_fraction}")
-    if run.dtype not in DTYPES:
-        raise ValueError(f"--dtype {run.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
-    check_report_to(run.report_to)
-    check_push_to_hub(run.push_to_hub)
     if run.episodes_per_round < world_size:
         raise ValueError(f"--episodes_per_round {run.episodes_per_round} is below the number of processes ({world_size}): every process plays")
     if finetune.train_batch_size % (world_size * finetune.gradient_accumulation_steps):
@@ -202,11 +162,6 @@ def check_arguments(run: RunArguments, selection: SelectionArguments, finetune: 
             f"times --gradient_accumulation_steps {finetune.gradient_accumulation_steps}"
         )
     check_rollout_arguments(rollout)
-    for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
-        try:
-            check_game_source(source)
-        except GameError as error:
-            raise ValueError(f"{flag}: {error}") from None
 
 
 def encode_pairs(turns: list[dict], tokenizer, rollout: RolloutArguments) -> None:
@@ -224,16 +179,17 @@ def answer_kls(policy, ref_model, turns: list[dict], pad_id: int, batch_size: in
     for start in range(0, len(turns), batch_size):
         batch = turns[start : start + batch_size]
         packed = pack_sequences([t["prompt_ids"] for t in batch], [t["answer_ids"] for t in batch], pad_id)
-        inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
+        inputs = model_inputs(packed, device)
         logits = response_logits(policy, *inputs, packed["start"], packed["end"]).float()
         ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float()
-        kls += masked_sum(exact_kl(logits, ref_logits, direction), packed["response_mask"].to(device), dim=1).tolist()
+        kls += masked_sum(exact_kl(logits, ref_logits, direction=direction), packed["response_mask"].to(device), dim=1).tolist()
     return kls
 
 
-def rank_turns(turns: list[dict], selection: SelectionArguments) -> tuple[Selection, list[float]]:
+def rank_turns(turns: list[dict], rules: SelectionArguments) -> tuple[Selection, list[float]]:
     """Set return, won (the episode's), objective, rank and kept on every turn (all processes' turns, sorted by
-    episode and step); returns the Selection (one entry per candidate) and the return of every episode."""
+    episode and turn); returns the Selection (one entry per candidate) and the return of every episode. The
+    objective ranked: return - rank_kl_coef * the KL of the turns the candidate would train on."""
     episodes: dict[int, list[dict]] = {}
     for turn in turns:
         episodes.setdefault(turn["episode"], []).append(turn)
@@ -241,171 +197,85 @@ def rank_turns(turns: list[dict], selection: SelectionArguments) -> tuple[Select
     for episode in episodes.values():
         rewards = [t["reward"] for t in episode]
         episode_returns.append(sum(rewards))
-        for turn, to_go in zip(episode, returns_to_go(rewards, selection.gamma)):
-            turn["return"] = episode_returns[-1] if selection.rank_by == "episode" else to_go
+        for turn, to_go in zip(episode, returns_to_go(rewards, rules.gamma)):
+            turn["return"] = episode_returns[-1] if rules.rank_by == "episode" else to_go
             turn["won"] = episode[-1]["won"]
-    if selection.rank_by == "episode":
-        groups = list(episodes.values())
+    if rules.rank_by == "episode":
+        candidates = list(episodes.values())
     else:
-        groups = [[turn] for turn in turns]
-    values = [group[0]["return"] - selection.rank_kl_coef * sum(t["kl"] for t in group) for group in groups]
-    chosen = select(values, selection.keep_top_percent, selection.keep_top_n, selection.min_return)
-    for group, value, rank, kept in zip(groups, values, chosen.ranks, chosen.kept):
+        candidates = [[turn] for turn in turns]
+    values = [group[0]["return"] - rules.rank_kl_coef * sum(t["kl"] for t in group) for group in candidates]
+    selection = select(values, rules.keep_top_percent, rules.keep_top_n, rules.min_return)
+    for group, value, rank, kept in zip(candidates, values, selection.ranks, selection.kept):
         for turn in group:
             turn.update(objective=value, rank=rank, kept=kept)
-    return chosen, episode_returns
-
-
-def model_card(run: RunArguments, round_: int, evals: dict, action_mode: str) -> str:
-    lines = [
-        "---", "library_name: transformers", "tags: [textworld, rejection-sampling, expert-iteration]", "---", "",
-        f"# Rejection sampling on TextWorld ({round_} rounds)", "",
-        f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` on games `{run.train_games}`: each "
-        "round plays episodes with the policy, keeps the best and fine-tunes on their commands.", "",
-        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy {'choice among the admissible commands' if action_mode == 'score' else 'decoding'}):", "",
-        *evaluation_table(evals),
-        "", "```bash",
-        f"python play.py --agent model --model_name_or_path {run.output_dir}" + (" --action_mode generate" if action_mode == "generate" else ""),
-        "```", "",
-    ]
-    return "\n".join(lines)
+    return selection, episode_returns
 
 
 def main(argv: list[str]) -> None:
-    # Every check runs before anything heavy is built; launchers export WORLD_SIZE before starting the script.
-    try:
-        run, selection, finetune, rollout_args = parse_arguments(ALL_ARGUMENTS, argv)
-        check_arguments(run, selection, finetune, rollout_args, int(os.environ.get("WORLD_SIZE", "1")))
-        check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
-        arguments = {k: v for group in (run, selection, finetune, rollout_args) for k, v in asdict(group).items()}
-        resume_folder = find_resume_checkpoint(run.resume_from_checkpoint, run.output_dir, "round", run.num_rounds,
-                                               "--num_rounds", arguments, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError as error:
-        sys.exit(f"error: {error}")
-
-    run_started = time.time()
-    # The reference is a frozen copy of the starting policy, built only when a KL term needs it (it costs a model's
-    # memory), and before the Accelerator: once a ZeRO-3 launch has set up DeepSpeed, a copy's weights end up empty.
-    set_seed(run.seed)
-    try:
-        tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
-        model = load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
-    except ModelError as error:
-        sys.exit(f"error: {error}")
-    needs_reference = finetune.kl_coef > 0 or selection.rank_kl_coef > 0
-    ref_model = copy.deepcopy(model).eval().requires_grad_(False) if needs_reference else None
-    freeze_lower_layers(model, finetune.trainable_layers_fraction)
-
-    accelerator = build_accelerator(finetune.gradient_accumulation_steps, run.report_to, run.output_dir)
-    world_size, rank = accelerator.num_processes, accelerator.process_index
-    output_dir = Path(run.output_dir)
-
-    # From here on each process samples differently, the same way on every rerun.
-    set_seed(run.seed, device_specific=True)
-    datasets.disable_progress_bars()  # one bar per round is enough
-
-    games_dir = Path(run.games_dir) if run.games_dir else default_cache_dir()
-    try:
-        train_games, eval_games = resolve_game_sets(
-            accelerator, run.train_games, run.eval_games, games_dir, run.eval_episodes > 0, run.progress
-        )
-    except (GameError, ValueError) as error:
-        sys.exit(f"error: {error}")
-    if run.overwrite_output_dir and accelerator.is_main_process:
-        for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR, LOG_DIR):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-    per_process_batch = finetune.train_batch_size // world_size
-    micro_batch_size = per_process_batch // finetune.gradient_accumulation_steps
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        accelerator, trainable, finetune.learning_rate, micro_batch_size, finetune.gradient_accumulation_steps,
-        finetune.max_grad_norm,
+    (run, rules, finetune, rollout_args), arguments, resume_folder = parse_or_exit(
+        ALL_ARGUMENTS, argv, check_arguments, "round", "num_rounds"
     )
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.eval()  # dropout (if the LM has any) only while fine-tuning
-    if ref_model is not None:
-        ref_model = prepare_reference(ref_model, accelerator)
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.zero_stage == 3
+    # The reference is built only when a KL term needs it (it costs a model's memory).
+    tokenizer, model = load_policy_or_exit(run)
+    ref_model = frozen_copy(model) if finetune.kl_coef > 0 or rules.rank_kl_coef > 0 else None
+    freeze_lower_layers(model, run.trainable_layers_fraction)
 
-    # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
-    trainer_state = {"round": 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
-    if resume_folder is not None:
-        accelerator.load_state(str(resume_folder / TRAINING_STATE_DIR))
-        for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
-            group["lr"] = finetune.learning_rate
-        trainer_state = json.loads((resume_folder / TRAINER_STATE_FILE).read_text())
-        accelerator.print(f"resumed from {resume_folder} at round {trainer_state['round']}")
-    start_round = trainer_state["round"] + 1
-    wall_time_before = trainer_state["wall_time_s"]
-    guard = NonFiniteGuard(accelerator, run.max_nonfinite_updates)
-
-    def record_evaluation(report: dict | None) -> None:
-        if report:
-            trainer_state["eval_history"].append(
-                {"round": trainer_state["round"], "env_steps": trainer_state["env_steps"],
-                 **{key: report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")}}
-            )
-
-    if run.report_to != "none":
-        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in arguments.items()}
-        accelerator.init_trackers(LOG_DIR, config=config)
+    training = TrainingRun(run, arguments, resume_folder, "round", finetune.gradient_accumulation_steps)
+    accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id
+    process_index, num_processes = training.process_index, training.num_processes
+    process_batch_size = finetune.train_batch_size // num_processes  # pairs per optimizer step on this process
+    micro_batch_size = process_batch_size // finetune.gradient_accumulation_steps
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(accelerator, trainable, finetune.learning_rate, micro_batch_size,
+                                finetune.gradient_accumulation_steps, finetune.max_grad_norm)
+    model, optimizer, ref_model = training.prepare(model, optimizer, ref_model)
+    start_round = training.resume(optimizer, finetune.learning_rate)
 
     unwrapped = accelerator.unwrap_model(model)
-    prompts, rewards = prompt_config(rollout_args), reward_config(rollout_args)
+    prompts, reward_fn = prompt_config(rollout_args), REWARD_FN or reward_chain(reward_config(rollout_args))
     if rollout_args.action_mode == "score":
         sampling_agent = ScoringAgent(unwrapped, tokenizer, prompts, scoring_config(rollout_args))
         greedy_agent = ScoringAgent(unwrapped, tokenizer, prompts, scoring_config(rollout_args, greedy=True))
     else:
         sampling_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args))
         greedy_agent = ModelAgent(unwrapped, tokenizer, generation_config(rollout_args, greedy=True))
-    per_process_envs = max(1, run.num_envs // world_size)
-    pad_id, device = tokenizer.pad_token_id, accelerator.device
+    slots = max(1, run.num_envs // num_processes)
 
-    def evaluate_held_out(agent) -> dict | None:
-        with gathered_for_evaluation(model, zero3), accelerator.autocast():
-            return run_evaluation(
-                accelerator, agent, eval_games, run.eval_episodes, run.num_envs, run.max_episode_turns, prompts,
-                tokenizer, run.seed,
-            )
+    def card(round_: int) -> str:
+        return model_card(
+            run, title=f"Rejection sampling on TextWorld ({round_} rounds)", tags=["rejection-sampling", "expert-iteration"],
+            description=f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` (--action_mode "
+                        f"{rollout_args.action_mode}) on games `{run.train_games}`: each round plays episodes with the "
+                        "policy, keeps the best and fine-tunes on their commands.",
+            evals=training.evals,
+        )
 
-    evals = trainer_state["evals"]
-    if "random" not in evals:
-        evals["random"] = evaluate_held_out(RandomAgent(run.seed))
-        started = time.time()
-        evals["before"] = evaluate_held_out(greedy_agent)
-        accelerator.log({**eval_metrics(evals["before"]), "perf/eval_s": time.time() - started}, step=0)
-        record_evaluation(evals["before"])
-        accelerator.print(f"before training: {describe(evals['before'])} (random-admissible: {describe(evals['random'])})")
+    training.evaluate_baselines(greedy_agent, model, prompts, tokenizer)  # random-admissible and before training
 
-    bar = tqdm(
-        range(start_round, run.num_rounds + 1), desc="rejection sampling",
-        disable=not (run.progress and accelerator.is_main_process), initial=start_round - 1, total=run.num_rounds,
-    )
+    bar = training.progress_bar(start_round, run.num_rounds, "rejection sampling")
     checkpoint = None
     for round_ in bar:
         # ---- 1. play whole episodes with the sampling policy
         started = time.time()
-        with gathered_for_evaluation(model, zero3), accelerator.autocast():
+        with gathered_for_evaluation(model, training.zero3), accelerator.autocast():
             turns, play_report = play_episodes(
-                sampling_agent, train_games, run.episodes_per_round, per_process_envs, run.max_episode_turns, prompts,
-                tokenizer, rewards, run.seed, rank, world_size,
+                sampling_agent, training.train_games, run.episodes_per_round, slots, run.max_episode_turns, prompts,
+                tokenizer, reward_fn, run.seed, process_index, num_processes,
             )
         play_time = time.time() - started
         for turn in turns:
-            turn["process"] = rank
+            turn["process"] = process_index
         encode_pairs(turns, tokenizer, rollout_args)
 
         # ---- 2. rank and keep, over the turns of all processes
-        turns = sorted(gather_object(turns), key=lambda t: (t["episode"], t["step"]))
-        if selection.rank_kl_coef > 0:
+        turns = sorted(gather_object(turns), key=lambda t: (t["episode"], t["turn"]))
+        if rules.rank_kl_coef > 0:
             # Each process scores an equal slice of all turns (padded with its last one), so that the reference's
             # forward calls pair up across processes under ZeRO-3; the KLs are then gathered back.
-            mine = list(range(rank, len(turns), world_size))
-            padded = mine + mine[-1:] * (math.ceil(len(turns) / world_size) - len(mine))
-            with gathered_for_evaluation(model, zero3), accelerator.autocast():
+            mine = list(range(process_index, len(turns), num_processes))
+            padded = mine + mine[-1:] * (math.ceil(len(turns) / num_processes) - len(mine))
+            with gathered_for_evaluation(model, training.zero3), accelerator.autocast():
                 kls = answer_kls(unwrapped, ref_model, [turns[i] for i in padded], pad_id, micro_batch_size,
                                  finetune.kl_direction, device)
             for index, kl in gather_object(list(zip(mine, kls))):
@@ -413,20 +283,19 @@ def main(argv: list[str]) -> None:
         else:
             for turn in turns:
                 turn["kl"] = 0.0
-        chosen, episode_returns = rank_turns(turns, selection)
+        selection, episode_returns = rank_turns(turns, rules)
         kept = [turn for turn in turns if turn["kept"]]
-        if chosen.note and accelerator.is_main_process:
-            bar.write(f"round {round_}: {chosen.note}")
+        if selection.note and accelerator.is_main_process:
+            bar.write(f"round {round_}: {selection.note}")
         rows = [{"round": round_, **{key: turn[key] for key in ROW_COLUMNS}} for turn in turns]
         if accelerator.is_main_process:
-            save_rollouts(rows, output_dir, round_, prefix=ROUND_PREFIX)
+            save_rollouts(rows, run.output_dir, round_, prefix=ROUND_PREFIX)
 
         # ---- 3. fine-tune on the kept (prompt, command) pairs
-        totals: dict[str, float] = {}
-        num_micro_batches, num_optimizer_steps, train_tokens, train_time = 0, 0, 0, 0.0
+        figures, train_tokens, train_time = RunningMeans(), 0, 0.0
         if not kept:
             if accelerator.is_main_process:
-                bar.write(f"round {round_}: kept none of {len(chosen.ranks)} {selection.rank_by}s; no fine-tuning this round")
+                bar.write(f"round {round_}: kept none of {len(selection.ranks)} {rules.rank_by}s; no fine-tuning this round")
         else:
             started = time.time()
             model.train()
@@ -437,12 +306,13 @@ def main(argv: list[str]) -> None:
                 # Wrapped around to whole batches: every process then makes the same number of forward and backward
                 # calls (DeepSpeed and DDP pair them up), and every optimizer step sees train_batch_size pairs.
                 order = [order[i % len(kept)] for i in range(steps_per_epoch * finetune.train_batch_size)]
-                for step in range(steps_per_epoch):
-                    batch = order[step * finetune.train_batch_size : (step + 1) * finetune.train_batch_size][rank::world_size]
-                    for micro_start in range(0, per_process_batch, micro_batch_size):
-                        pairs = [kept[i] for i in batch[micro_start : micro_start + micro_batch_size]]
+                for optimizer_step in range(steps_per_epoch):
+                    batch = order[optimizer_step * finetune.train_batch_size : (optimizer_step + 1) * finetune.train_batch_size]
+                    mine = batch[process_index::num_processes]
+                    for micro_start in range(0, process_batch_size, micro_batch_size):
+                        pairs = [kept[i] for i in mine[micro_start : micro_start + micro_batch_size]]
                         packed = pack_sequences([t["prompt_ids"] for t in pairs], [t["answer_ids"] for t in pairs], pad_id)
-                        inputs = [packed[key].to(device) for key in ("input_ids", "attention_mask", "position_ids")]
+                        inputs = model_inputs(packed, device)
                         train_tokens += int(packed["attention_mask"].sum())
                         with accelerator.accumulate(model):
                             logits = response_logits(model, *inputs, packed["start"], packed["end"]).float()
@@ -452,84 +322,61 @@ def main(argv: list[str]) -> None:
                                     ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float()
                             loss, stats = sft_loss(
                                 logits, packed["response_ids"].to(device), packed["response_mask"].to(device), ref_logits,
-                                finetune.kl_coef, finetune.kl_direction,
+                                kl_coef=finetune.kl_coef, kl_direction=finetune.kl_direction,
                             )
-                            finite = guard.finite_loss(loss)
-                            if finite:
-                                accelerator.backward(loss)
-                            if accelerator.sync_gradients:
-                                grad_norm = accelerator.clip_grad_norm_(trainable, finetune.max_grad_norm)
-                                if guard.step(optimizer, grad_norm, f"round {round_}"):
-                                    totals["grad_norm"] = totals.get("grad_norm", 0.0) + float(grad_norm or 0.0)
-                                    num_optimizer_steps += 1
+                            finite, stepped, grad_norm = backward_and_step(
+                                accelerator, training.guard, loss, optimizer, trainable, finetune.max_grad_norm,
+                                f"round {round_}",
+                            )
                         if finite:
-                            for key, value in stats.items():
-                                totals[key] = totals.get(key, 0.0) + float(value)
-                            num_micro_batches += 1
+                            figures.add(stats)
+                        if stepped:
+                            figures.add({"grad_norm": grad_norm or 0.0})
             model.eval()
             train_time = time.time() - started
 
         # ---- 4. metrics, held-out evaluation, checkpoint
         play_report = merge_reports(gather_object([play_report]))
-        trainer_state["round"] = round_
-        trainer_state["env_steps"] += len(turns)
-        trainer_state["episodes"] += len(episode_returns)
+        training.state["round"] = round_
+        training.state["env_steps"] += len(turns)
+        training.state["episodes"] += len(episode_returns)
         metrics = {
             "charts/episodic_return": sum(episode_returns) / len(episode_returns),
             "charts/normalized_score": play_report["normalized_score"],
             "charts/win_rate": play_report["win_rate"],
             "charts/episode_length": play_report["mean_steps"],
             "charts/invalid_rate": play_report["invalid_rate"],
-            "charts/env_steps": trainer_state["env_steps"],
-            "selection/candidates": len(chosen.ranks),
-            "selection/kept": chosen.num_kept,
+            "charts/env_steps": training.state["env_steps"],
+            "selection/candidates": len(selection.ranks),
+            "selection/kept": selection.num_kept,
             "selection/kept_pairs": len(kept),
             "selection/objective_mean": sum(t["objective"] for t in turns) / len(turns),
             "perf/play_s": play_time,
             "perf/env_steps_per_s": len(turns) / max(play_time, 1e-9),
-            "losses/skipped_updates": guard.skipped,
+            "losses/skipped_updates": training.guard.skipped,
         }
         if kept:
             metrics["selection/kept_objective_mean"] = sum(t["objective"] for t in kept) / len(kept)
-            local = {f"losses/{key}": value / max(num_micro_batches, 1) for key, value in totals.items() if key != "grad_norm"}
-            local["losses/grad_norm"] = totals.get("grad_norm", 0.0) / max(num_optimizer_steps, 1)
+            local = {f"losses/{key}": figures.mean(key) for key in figures.sums if key != "grad_norm"}
+            local["losses/grad_norm"] = figures.mean("grad_norm") if figures.counts.get("grad_norm") else 0.0
             local["perf/train_s"] = train_time
             local["perf/tokens_per_s"] = train_tokens / max(train_time, 1e-9)
-            reduced = accelerator.reduce(torch.tensor(list(local.values()), dtype=torch.float64, device=device), "mean")
-            metrics.update(zip(local, reduced.tolist()))
-        started = time.time()
-        evals[f"round {round_}"] = evaluate_held_out(greedy_agent)
-        metrics.update({**eval_metrics(evals[f"round {round_}"]), "perf/eval_s": time.time() - started})
-        record_evaluation(evals[f"round {round_}"])
-        trainer_state["wall_time_s"] = wall_time_before + time.time() - run_started
-        accelerator.log(metrics, step=round_)
+            metrics.update(training.reduce(local, "mean"))
+        metrics.update(training.evaluate_held_out(greedy_agent, model, prompts, tokenizer, f"round {round_}"))
+        training.log(metrics, step=round_)
         bar.set_postfix({
             "return": f"{metrics['charts/episodic_return']:.2f}",
-            "kept": f"{chosen.num_kept}/{len(chosen.ranks)}",
-            "nll": f"{metrics.get('losses/nll', float('nan')):.3f}",
-            "eval": f"{metrics.get('eval/normalized_score', float('nan')):.3f}",
+            "kept": f"{selection.num_kept}/{len(selection.ranks)}",
+            "nll": f"{metrics.get('losses/nll', math.nan):.3f}",
+            "eval": f"{metrics.get('eval/normalized_score', math.nan):.3f}",
         })
-        checkpoint = save_checkpoint(
-            accelerator, model, tokenizer, output_dir, round_, trainer_state, model_card(run, round_, evals, rollout_args.action_mode), arguments,
-            run.save_total_limit,
-        )
+        checkpoint = training.save_checkpoint(model, tokenizer, card(round_))
     bar.close()
 
     # ---- final model, hub, summary
-    card = model_card(run, run.num_rounds, evals, rollout_args.action_mode)
-    save_final_model(accelerator, model, tokenizer, output_dir, card, arguments)
-    if run.push_to_hub and accelerator.is_main_process:
-        push_to_hub(run.push_to_hub, output_dir, load_rollouts(output_dir, prefix=ROUND_PREFIX))
-    accelerator.print(
-        f"held-out eval on {run.eval_games} ({run.eval_episodes} episodes, greedy):\n"
-        + "".join(f"  {name + ':':<10} {describe(report)}\n" for name, report in evals.items())
-        + f"model: {output_dir} (checkpoint: {checkpoint})"
-    )
-    accelerator.end_training()
+    training.finish(model, tokenizer, card(run.num_rounds), checkpoint,
+                    lambda: load_rollouts(run.output_dir, prefix=ROUND_PREFIX))
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
-        sys.exit(f"error: {error}")
+    main_or_exit(main)

@@ -36,8 +36,9 @@ sys.path.insert(0, str(ROOT))
 
 from lib.losses import ppo_loss  # noqa: E402
 from lib.models import DEFAULT_MODEL, load_model  # noqa: E402
-from lib.rollout import pack_sequences  # noqa: E402
-from lib.value_head import PolicyWithValue, ValueHead, freeze_lower_layers  # noqa: E402
+from lib.models import freeze_lower_layers  # noqa: E402
+from lib.sequences import pack_sequences  # noqa: E402
+from lib.value_head import PolicyWithValue, ValueHead  # noqa: E402
 
 RATIO_GOAL = 0.6
 RSS_GOAL_GIB = 4.0

@@ -28,6 +28,7 @@ from lib.arguments import RolloutArguments, generation_config, prompt_config, re
 from lib.env import BatchEnv  # noqa: E402
 from lib.games import default_cache_dir, resolve_games  # noqa: E402
 from lib.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
+from lib.rewards import reward_chain  # noqa: E402
 from lib.rollout import RolloutCollector, ScoringRolloutCollector  # noqa: E402
 from lib.value_head import PolicyWithValue, ValueHead  # noqa: E402
 
@@ -55,11 +56,11 @@ def bench_mode(mode: str, model, ref_model, tokenizer, games: list[str], args: B
     with BatchEnv(games, args.num_envs, args.max_episode_turns, shuffle=True, seed=0) as env:
         if mode == "score":
             collector = ScoringRolloutCollector(
-                env, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args), reward_config(rollout_args)
+                env, tokenizer, prompt_config(rollout_args), scoring_config(rollout_args), reward_chain(reward_config(rollout_args))
             )
         else:
             collector = RolloutCollector(
-                env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_config(rollout_args)
+                env, tokenizer, prompt_config(rollout_args), generation_config(rollout_args), reward_chain(reward_config(rollout_args))
             )
         collector.collect(model, ref_model, 1)
         started = time.perf_counter()

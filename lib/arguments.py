@@ -3,9 +3,11 @@ trainer plays with the same prompts and rewards), reading flags from the command
 of the shared flags. Each check raises ValueError naming the flag; nothing here loads a model or a game.
 """
 
+import dataclasses
 import importlib.util
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,21 +123,42 @@ def renamed_flags(argv: list[str]) -> list[str]:
 
 def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     """One instance per dataclass, from command-line flags, or from a YAML file given first (its keys are flag names)
-    followed by flags that override it. Deprecated flag names (DEPRECATED_FLAGS) are renamed with a warning."""
+    followed by flags that override it. Deprecated flag names (DEPRECATED_FLAGS) are renamed with a warning. A flag
+    whose type admits None (`float | None`, ...) takes `none` (or YAML `null`) for None; elsewhere a YAML `null`
+    keeps the default."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(dataclass_types)
+    # From the annotations: HfArgumentParser rewrites the dataclass fields' types in place (`float | None` -> float).
+    optional = {name for t in dataclass_types for name, hint in typing.get_type_hints(t).items()
+                if type(None) in getattr(hint, "__args__", ())}
+    set_to_none = set()
     if argv and argv[0].endswith((".yaml", ".yml")):
-        argv = yaml_flags(argv[0]) + argv[1:]
+        values = yaml_values(argv[0])
+        set_to_none = {key for key, value in values.items() if value is None and key in optional}
+        argv = [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))] + argv[1:]
     argv = renamed_flags(argv)
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    kept = []
+    for item in argv:
+        name = kept[-1].removeprefix("--") if kept and kept[-1].startswith("--") else None
+        if name in optional and item.lower() in ("none", "null"):
+            set_to_none.add(name)
+            kept.pop()
+        else:
+            if name in set_to_none:
+                set_to_none.discard(name)  # a later value overrides a YAML null
+            kept.append(item)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=kept, return_remaining_strings=True)
     if unknown:
         raise ValueError(f"unknown flag(s) or argument(s) {' '.join(unknown)}; see --help for the flags")
+    for group in parsed:
+        for name in set_to_none & {f.name for f in dataclasses.fields(group)}:
+            setattr(group, name, None)
     return tuple(parsed)
 
 
-def yaml_flags(path: str) -> list[str]:
-    """A YAML file of `flag_name: value` lines as command-line flags."""
+def yaml_values(path: str) -> dict:
+    """A YAML file of `flag_name: value` lines as a dict."""
     if not os.path.isfile(path):
         raise ValueError(f"config file not found: {path}; check the path, or pass the flags on the command line")
     import yaml
@@ -147,4 +170,9 @@ def yaml_flags(path: str) -> list[str]:
         raise ValueError(f"config file {path} is not valid YAML ({problem}); fix its syntax") from None
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must hold `flag_name: value` lines, not a {type(values).__name__}")
-    return [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))]
+    return values
+
+
+def yaml_flags(path: str) -> list[str]:
+    """A YAML file of `flag_name: value` lines as command-line flags (null values left out)."""
+    return [item for key, value in yaml_values(path).items() if value is not None for item in (f"--{key}", str(value))]

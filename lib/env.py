@@ -1,14 +1,20 @@
 """The batched TextWorld environment: B games stepping in parallel, one worker process each.
 
 Each slot plays a sequence of episodes. Episode k of this process plays game `order[k % len(games)]` (the game list
-reshuffled by the seed every pass when `shuffle`), handed to slots in slot order as they finish, so the same seed
-and the same finishing pattern give the same games. A finished episode is reset onto the next one at once (auto-
-reset); with `num_episodes` set, a slot whose episodes ran out goes idle (its state is None).
+reshuffled by the seed every pass when `shuffle`), handed to slots (to groups, below) in slot order as they finish,
+so the same seed and the same finishing pattern give the same games. A finished episode is reset onto the next one
+at once (auto-reset); with `num_episodes` set, a slot whose episodes ran out goes idle (its state is None).
 
-`state_dict()` is the position of every slot as plain data (episode counter, each slot's episode and the commands
-it has sent so far); `load_state_dict` on a fresh BatchEnv of the same games and seed restarts each game and
-replays those commands, which puts a deterministic game back exactly where it was: a resumed training run then
-continues the episodes of the interrupted one.
+With `group_size` G > 1 the slots come in groups of G neighbours that play each episode together, for group-relative
+advantages: one episode (number and game) per group, every member reset onto it from the same start. A member whose
+episode ends first waits (state None) until the last one ends, then the whole group moves on at once. A playing slot
+given no command holds: it does not move that step, so a caller can play whole episodes, holding a slot that has
+started a new one until the others finish theirs.
+
+`state_dict()` is the position of every slot as plain data (episode counter, group size, each slot's episode and
+the commands it has sent so far; a waiting slot has neither); `load_state_dict` on a fresh BatchEnv of the same
+games, seed and group size restarts each game and replays those commands, which puts a deterministic game back
+exactly where it was: a resumed training run then continues the episodes of the interrupted one.
 
 Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each
 slot to move on alone; and a worker that dies or hangs must be replaced without losing the others.
@@ -51,7 +57,8 @@ class StepResult:
     terminated: bool
     truncated: bool
     state: GameState  # right after the command: the final state when the episode ended
-    next_state: GameState | None  # the state to act on next: a new episode's after an auto-reset, None when idle
+    # The state to act on next: a new episode's after an auto-reset, None when idle or waiting for its group.
+    next_state: GameState | None
     crashed: bool = False
     invalid: bool = False  # the command was not among the admissible ones
 
@@ -167,7 +174,10 @@ class BatchEnv:
     """B TextWorld games in parallel processes with auto-reset, step limits and crash recovery.
 
     `games` is split by `rank` over `world_size` processes of a distributed run. `reset()` returns the first states;
-    `step(commands)` takes one command per slot (None for idle slots) and returns one StepResult (or None) per slot.
+    `step(commands)` takes one command per slot and returns one StepResult (or None) per slot; `states` is then what
+    every slot acts on next. Slots [g*G, (g+1)*G) for G = `group_size` form group g: they play the same episode from
+    the same start, a member that ends first waits (state None, its command ignored) and the group is reset together
+    when its last member ends. A slot holds (does not move, result None) when its command is None.
     """
 
     def __init__(
@@ -181,6 +191,7 @@ class BatchEnv:
         rank: int = 0,
         world_size: int = 1,
         step_timeout: float = STEP_TIMEOUT_S,
+        group_size: int = 1,
     ):
         if not games:
             raise ValueError("no games given to the environment")
@@ -189,10 +200,15 @@ class BatchEnv:
                 f"{world_size} processes but only {len(games)} games: every process needs at least one game; "
                 "use more games or fewer processes"
             )
-        if num_envs < 1 or max_episode_turns < 1:
-            raise ValueError("num_envs and max_episode_turns must be at least 1")
+        if num_envs < 1 or max_episode_turns < 1 or group_size < 1:
+            raise ValueError("num_envs, max_episode_turns and group_size must be at least 1")
+        if num_envs % group_size:
+            raise ValueError(
+                f"num_envs={num_envs} is not divisible by group_size={group_size}: each group needs {group_size} slots"
+            )
         self.games = list(games)[rank::world_size]
         self.num_envs = num_envs
+        self.group_size = group_size
         self.max_episode_turns = max_episode_turns
         self.num_episodes = num_episodes
         self.shuffle = shuffle
@@ -201,7 +217,7 @@ class BatchEnv:
         self.restarts = 0
         self._order: list[str] = []
         self._next_episode = 0
-        self._assigned: list[tuple[int, str] | None] = [None] * num_envs
+        self._assigned: list[tuple[int, str] | None] = [None] * num_envs  # None: idle or waiting for its group
         self._states: list[GameState | None] = [None] * num_envs
         self._commands: list[list[str]] = [[] for _ in range(num_envs)]  # sent in each slot's current episode
         context = mp.get_context("forkserver")
@@ -229,10 +245,18 @@ class BatchEnv:
         fields = {k: v for k, v in packed.items() if k != "done"}
         return GameState(game=game, episode=episode, steps=steps, **fields)
 
-    def _reset_slots(self, slots: list[int]) -> None:
-        """Start the next episode in each slot (in slot order, for determinism); idle when none are left."""
-        for slot in slots:
-            self._assigned[slot] = self._take_episode()
+    def _members(self, group: int) -> range:
+        return range(group * self.group_size, (group + 1) * self.group_size)
+
+    def _reset_groups(self, groups: list[int]) -> None:
+        """Start the next episode on every member of each group (in group order, for determinism); idle when none
+        are left."""
+        slots = []
+        for group in groups:
+            episode = self._take_episode()
+            for slot in self._members(group):
+                self._assigned[slot] = episode
+                slots.append(slot)
         self._start_games(slots)
 
     def _start_games(self, slots: list[int]) -> None:
@@ -258,7 +282,7 @@ class BatchEnv:
     def reset(self) -> list[GameState | None]:
         """Start fresh: episode numbering and the game order restart from the beginning."""
         self._next_episode, self._order = 0, []
-        self._reset_slots(list(range(self.num_envs)))
+        self._reset_groups(list(range(self.num_envs // self.group_size)))
         return list(self._states)
 
     @property
@@ -268,19 +292,26 @@ class BatchEnv:
     def state_dict(self) -> dict:
         """Where every slot stands, as JSON-ready data."""
         return {
-            "games": self.games, "seed": self.seed, "next_episode": self._next_episode,
+            "games": self.games, "seed": self.seed, "group_size": self.group_size, "next_episode": self._next_episode,
             "assigned": [list(assigned) if assigned else None for assigned in self._assigned],
             "commands": [list(commands) for commands in self._commands],
         }
 
     def load_state_dict(self, state: dict) -> list[GameState | None]:
-        """Put every slot back where `state_dict()` left it (restart its game, replay its commands); returns the
-        states. Raises ValueError when the state belongs to other games, another seed or another number of slots."""
+        """Put every slot back where `state_dict()` left it (restart its game, replay its commands; a waiting slot
+        has none and waits again); returns the states. Raises ValueError when the state belongs to other games,
+        another seed, another number of slots or another group size."""
         if state["games"] != self.games or state["seed"] != self.seed or len(state["assigned"]) != self.num_envs:
             raise ValueError(
                 f"the saved environment state is for {len(state['assigned'])} slots over {len(state['games'])} games "
                 f"with seed {state['seed']}, not {self.num_envs} slots over {len(self.games)} games with seed "
                 f"{self.seed}: resume with the flags of the interrupted run"
+            )
+        saved_group_size = state.get("group_size", 1)  # states saved before groups existed had none
+        if saved_group_size != self.group_size:
+            raise ValueError(
+                f"the saved environment state is for group_size {saved_group_size}, not {self.group_size}: resume "
+                "with the flags of the interrupted run"
             )
         self._order = []
         self._next_episode = state["next_episode"]
@@ -304,16 +335,17 @@ class BatchEnv:
             self._commands[slot].append(commands[slot])
 
     def step(self, commands: list[str | None]) -> list[StepResult | None]:
+        """Send each playing slot its command; a slot without one holds, and idle or waiting slots ignore theirs.
+        Their results are None; `states` keeps every slot's state to act on next, including the new states that
+        waiting members get when their group resets."""
         if len(commands) != self.num_envs:
             raise ValueError(f"expected {self.num_envs} commands, got {len(commands)}")
-        active = [s for s in range(self.num_envs) if self._states[s] is not None]
-        for slot in active:
-            if commands[slot] is None:
-                raise ValueError(f"slot {slot} is playing but got no command")
+        moving = [s for s in range(self.num_envs) if self._states[s] is not None and commands[s] is not None]
+        for slot in moving:
             self._workers[slot].send("step", commands[slot])
         results: list[StepResult | None] = [None] * self.num_envs
         finished = []
-        for slot in active:
+        for slot in moving:
             before = self._states[slot]
             packed = self._workers[slot].receive(self.step_timeout)
             crashed = packed is None
@@ -341,7 +373,11 @@ class BatchEnv:
             self._commands[slot].append(commands[slot])
             if terminated or truncated:
                 finished.append(slot)
-        self._reset_slots(finished)
+        for slot in finished:
+            # Waiting looks like idle (nothing to replay); the group's playing members tell the two apart.
+            self._states[slot], self._assigned[slot], self._commands[slot] = None, None, []
+        ended_groups = sorted({slot // self.group_size for slot in finished})
+        self._reset_groups([g for g in ended_groups if all(self._states[s] is None for s in self._members(g))])
         for slot in finished:
             results[slot].next_state = self._states[slot]
         return results

@@ -5,11 +5,11 @@ plays game k % len(games), so every game gets the same share of episodes whateve
 run each rank plays the episodes of its games (BatchEnv splits games by rank) and `merge_reports` of the gathered
 per-rank reports gives the same report as one process would.
 
-Report keys: agent, episodes, normalized_score (mean of final score / max score), win_rate, mean_steps,
+Report keys: agent, episodes, normalized_score (mean of final score / max score), win_rate, mean_steps (turns per episode),
 invalid_rate (non-admissible commands / commands), mean_score, and `games`, one dict per game with the same
 metrics. Metrics of a game (or a rank) without episodes are None.
 
-Transcripts: one dict per turn with game, episode (global number), step (0-based, within the episode), prompt (the
+Transcripts: one dict per turn with game, episode (global number), turn (1 = the episode's first command), prompt (the
 prompt text; the cleaned observation for agents that read no prompts), response (the agent's raw text), command,
 observation (the game's raw answer), reward, score, max_score, done, won, invalid, then the agent's own columns
 (`Agent.transcript_columns`: the scoring agent's candidates and chosen_index).
@@ -197,7 +197,7 @@ def evaluate(
                 transcripts.append({
                     "game": game_name(after.game),
                     "episode": episode_ids[after.episode],
-                    "step": after.steps - 1,
+                    "turn": after.steps,
                     "prompt": prompts[slot],
                     "response": responses[slot],
                     "command": result.command,

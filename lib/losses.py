@@ -401,13 +401,13 @@ def ppo_loss(
     """The PPO objective of one minibatch, averaged over all valid tokens of all its responses.
 
     logits (B, T, V) predict labels (B, T) (already divided by the sampling temperature); values and the other
-    inputs (B, T). loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
+    inputs (B, T); values None (no value head, critic-free advantages) leaves the value term out. loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
                           + kl_loss_coef * masked_mean(exact_kl(logits, ref_logits, kl_direction))
     (the KL term only when ref_logits is given). Stats: detached 0-d tensors.
     """
     logprobs = logprobs_from_logits(logits, labels)
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
-    vf_loss, vf_stats = value_loss(values, old_values, returns, mask, clip_range_value=clip_range_value)
+    vf_loss, vf_stats = _value_term(values, old_values, returns, mask, clip_range_value, pg_loss)
     # The entropy only needs a graph when it is part of the loss; (B, T, V) intermediates are the largest tensors.
     with torch.set_grad_enabled(ent_coef != 0 and torch.is_grad_enabled()):
         entropy = masked_mean(entropy_from_logits(logits), mask)
@@ -417,6 +417,13 @@ def ppo_loss(
         kl_loss = masked_mean(exact_kl(logits, ref_logits, direction=kl_direction), mask)
         loss = loss + kl_loss_coef * kl_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
+
+
+def _value_term(values, old_values, returns, mask, clip_range_value, like: torch.Tensor):
+    """value_loss, or a zero term without values (critic-free advantages: no value head)."""
+    if values is None:
+        return like.new_zeros(()), {"clipfrac": like.new_zeros(())}
+    return value_loss(values, old_values, returns, mask, clip_range_value=clip_range_value)
 
 
 def _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats: dict, vf_stats: dict) -> dict:
@@ -454,7 +461,7 @@ def candidate_ppo_loss(
 
     logprobs, mask (N, K): the policy's log-probabilities over each turn's candidates (log softmax of the scores over
     the mask's candidates; padding unread); chosen (N,) int: the candidate taken; old_logprobs (N,): its behaviour
-    log-prob; values, old_values, advantages, returns (N,). ref_logprobs (N, K): the reference's log-probs over the
+    log-prob; values, old_values, advantages, returns (N,) (values None: no value term). ref_logprobs (N, K): the reference's log-probs over the
     same candidates. loss = policy_loss(chosen) + vf_coef * value_loss - ent_coef * H(pi)
                             + kl_loss_coef * KL(pi || ref) (or KL(ref || pi) when forward), KL and H exact over the
     candidates; every term averaged over the turns. Stats: those of ppo_loss.
@@ -462,8 +469,9 @@ def candidate_ppo_loss(
     turns = torch.ones_like(old_logprobs, dtype=torch.bool)[:, None]  # each turn: a one-token response
     chosen_logprobs = logprobs.gather(1, chosen[:, None])
     pg_loss, pg_stats = policy_loss(chosen_logprobs, old_logprobs[:, None], advantages[:, None], turns, clip_range=clip_range)
-    vf_loss, vf_stats = value_loss(values[:, None], old_values[:, None], returns[:, None], turns,
-                                   clip_range_value=clip_range_value)
+    if values is not None:
+        values, old_values, returns = values[:, None], old_values[:, None], returns[:, None]
+    vf_loss, vf_stats = _value_term(values, old_values, returns, turns, clip_range_value, pg_loss)
     logprobs = _zero_masked(logprobs, mask)
     probabilities = _zero_masked(logprobs.exp(), mask)
     entropy = -masked_sum(probabilities * logprobs, mask, dim=1).mean()
@@ -506,3 +514,24 @@ def sft_loss(
     with torch.no_grad():
         accuracy = masked_mean((logits.argmax(dim=-1) == labels).to(nll.dtype), mask)
     return loss, {"nll": nll.detach(), "kl": kl.detach(), "accuracy": accuracy}
+
+
+def group_relative_advantages(
+    returns: torch.Tensor, group_ids: torch.Tensor, *, scale: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """Critic-free advantages of GRPO (Shao et al. 2024, DeepSeekMath): each episode against the other episodes of
+    its group (G episodes played from the same start with different samples).
+
+    returns (N,): one return per episode; group_ids (N,) int: its group. Returns (N,):
+      A_i = (R_i - mean_g R) / (std_g R + eps)     with scale (std: unbiased, as TRL computes it)
+      A_i =  R_i - mean_g R                        without scale (Dr. GRPO, Liu et al. 2025)
+    A group of one episode has no baseline to compare with: its advantage is 0.
+    """
+    advantages = torch.zeros_like(returns)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        if int(members.sum()) < 2:
+            continue
+        centered = returns[members] - returns[members].mean()
+        advantages[members] = centered / (returns[members].std() + eps) if scale else centered
+    return advantages

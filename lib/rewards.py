@@ -12,11 +12,18 @@ is the sum of the chosen components:
   letter_e  letter_e_weight * (number of 'e' in the command)      the toy sanity task of the original project
 
 The per-token KL penalty is not part of this chain: it depends on the model, and lives in the training loop.
+
+A trainer's reward is any function `reward_fn(outcome: TurnOutcome) -> float` that it hands to the collector;
+`reward_chain(config)` is the default. A TurnOutcome carries the state the command was given in, the command, the
+step's result and the episode's earlier turns, so a reward that needs the episode's history (a penalty for
+revisiting a room, say) is a function in the script, not a change here.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from lib.env import GameState, StepResult
+from lib.prompts import Turn
 
 REWARD_NAMES = ("score", "win", "lose", "living", "invalid", "letter_e")
 
@@ -48,6 +55,28 @@ def parse_reward_names(text: str) -> tuple[str, ...]:
 
 def state_unchanged(before: GameState, after: GameState) -> bool:
     return (before.observation, before.inventory, before.score) == (after.observation, after.inventory, after.score)
+
+
+@dataclass
+class TurnOutcome:
+    """What a reward function sees of one turn."""
+
+    before: GameState  # the state the command was given in
+    command: str  # the policy's command (what it wrote or chose)
+    result: StepResult  # result.state: right after the command; result.reward: the score change
+    history: list[Turn] = field(default_factory=list)  # the episode's earlier turns, oldest first
+
+
+RewardFn = Callable[[TurnOutcome], float]
+
+
+def reward_chain(config: RewardConfig) -> RewardFn:
+    """The built-in reward: the sum of the `--reward` components (compute_reward's total)."""
+
+    def reward(outcome: TurnOutcome) -> float:
+        return compute_reward(outcome.result, outcome.command, config, outcome.before)["total"]
+
+    return reward
 
 
 def compute_reward(

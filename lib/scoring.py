@@ -235,3 +235,26 @@ def choose_candidate(
         return int(scores.argmax())
     probabilities = policy_logprobs(scores, temperature).exp()
     return int(torch.multinomial(probabilities.cpu(), 1, generator=generator))
+
+
+def score_candidates(model, ref_model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int,
+                     length_normalize: bool, temperature: float) -> dict:
+    """The policy over each state's candidates: logprobs (S, K) = log softmax(scores / temperature) over its K_s
+    candidates (0 in the padding), mask (S, K), values (S,) at the prompts' last tokens from the same forward (None
+    without a value head), and ref_logprobs (S, K) under `ref_model` (None without it, always computed without
+    gradient). `model` is a lib.value_head.PolicyWithValue (wrapped or not); differentiable through it."""
+    scores, values = model(candidates={"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "pad_id": pad_id,
+                                       "length_normalize": length_normalize})
+    scored = {"logprobs": pad_rows([policy_logprobs(s, temperature) for s in scores]),
+              "mask": pad_rows([torch.ones(len(s), dtype=torch.bool, device=s.device) for s in scores]),
+              "values": None if values is None else values.float(), "ref_logprobs": None}
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_scores = candidate_logprobs(ref_model, prompt_ids, candidate_ids, pad_id, length_normalize)
+        scored["ref_logprobs"] = pad_rows([policy_logprobs(s, temperature) for s in ref_scores])
+    return scored
+
+
+def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:
+    """1-d tensors of different lengths as one right-padded (zeros) 2-d tensor."""
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)

@@ -1,6 +1,12 @@
-"""What the training scripts share around their algorithm, on top of `accelerate`: the frozen reference model, held-out
-evaluation over all processes, the model card's results table, checkpoints (written whole or not at all) and
-finding the one to resume from.
+"""What the training scripts share around their algorithm, on top of `accelerate`: the run flags every trainer has,
+parsing and checking them before anything heavy loads, the policy and the frozen reference, the accelerator and the
+game sets, resuming, held-out evaluation over all processes, the guarded optimizer step, the model card,
+checkpoints (written whole or not at all), the final model and the closing summary. A script keeps its algorithm:
+what it collects, how it turns that into a loss, and its own flags.
+
+A script's life: `parse_or_exit` (flags, checks, the checkpoint to resume), `load_policy_or_exit`, its own model
+pieces, `TrainingRun(...)` (accelerator, games, trainer state), its optimizer, `run.prepare` / `run.resume`, then its
+loop with `run.evaluate`, `run.log`, `run.save_checkpoint`, and `run.finish`; `main_or_exit(main)` runs it.
 
 Layout of a script's output_dir: the final policy (save_pretrained, tokenizer, README.md model card, training_args.json)
 at its root; checkpoints/checkpoint-N holding the same plus training_state/ (accelerator.save_state: weights,
@@ -14,15 +20,31 @@ import json
 import math
 import os
 import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, gather_object
+from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
+from tqdm.auto import tqdm
 
+from lib.agents import RandomAgent
+from lib.arguments import TRACKERS, check_push_to_hub, check_report_to, parse_arguments
 from lib.evaluation import evaluate, merge_reports
-from lib.games import resolve_games
-from lib.models import CHECKPOINTS_DIR, newest_checkpoint, save_model
+from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
+from lib.models import (
+    CHECKPOINTS_DIR,
+    DEFAULT_MODEL,
+    DTYPES,
+    ModelError,
+    load_model,
+    load_tokenizer,
+    newest_checkpoint,
+    save_model,
+)
 from lib.prompts import PromptConfig
 from lib.rollout import ROLLOUTS_DIR
 from lib.value_head import PolicyWithValue, save_value_head
@@ -36,8 +58,103 @@ LOG_DIR = "runs"
 # change on resume (a resumed run equals the uninterrupted one only when none does).
 RESUME_MUST_MATCH = frozenset({
     "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
-    "detach_value_head", "action_mode", "train_games", "seed", "num_envs", "max_episode_turns",
+    "detach_value_head", "advantage_estimator", "group_size", "action_mode", "train_games", "seed", "num_envs",
+    "max_episode_turns",
 })
+
+
+@dataclass
+class RunArguments:
+    """The flags of every trainer; a script subclasses it for its own (and its output_dir default)."""
+
+    model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
+    output_dir: str = field(default="outputs/run", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, rollouts and logs of an earlier run in output_dir first."})
+    train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
+    eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
+    games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
+    num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (training and evaluation)."})
+    max_episode_turns: int = field(default=12, metadata={"help": "Turns (commands) per episode before it is truncated (training and evaluation)."})
+    seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, game order)."})
+    dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
+    report_to: str = field(default="tensorboard", metadata={"help": f"Tracker: {', '.join(TRACKERS)}."})
+    push_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id to push the final model and the rollout dataset to."})
+    resume_from_checkpoint: str | None = field(default=None, metadata={"help": "A checkpoint folder, or `latest` (newest in output_dir)."})
+    eval_episodes: int = field(default=12, metadata={"help": "Held-out episodes per evaluation (0: no evaluation)."})
+    save_total_limit: int = field(default=2, metadata={"help": "Keep this many newest checkpoints (0: keep all)."})
+    max_nonfinite_updates: int = field(default=3, metadata={"help": "Stop after this many updates in a row skipped for a NaN or inf (loss, gradient, rewards, advantages)."})
+    trainable_layers_fraction: float = field(default=0.33, metadata={"help": "Train only this last fraction of decoder layers plus the final norm (and the LM head when not tied to the input embeddings); 1 trains all."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+
+def check_run_arguments(run: RunArguments, world_size: int) -> None:
+    """Raise ValueError naming the flag for a bad value of the shared flags; builds nothing heavy."""
+    for name in ("num_envs", "max_episode_turns", "max_nonfinite_updates"):
+        if not getattr(run, name) > 0:
+            raise ValueError(f"--{name} must be positive, got {getattr(run, name)}")
+    for name in ("eval_episodes", "save_total_limit"):
+        if getattr(run, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    if not 0 < run.trainable_layers_fraction <= 1:
+        raise ValueError(f"--trainable_layers_fraction must be in (0, 1], got {run.trainable_layers_fraction}")
+    if run.dtype not in DTYPES:
+        raise ValueError(f"--dtype {run.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
+    check_report_to(run.report_to)
+    check_push_to_hub(run.push_to_hub)
+    for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
+        try:
+            check_game_source(source)
+        except GameError as error:
+            raise ValueError(f"{flag}: {error}") from None
+
+
+def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_key: str, last_step_flag: str):
+    """Every flag parsed and checked, the output folder and the checkpoint to resume from found, before anything
+    heavy is built; a bad one exits with one `error:` line. Launchers export WORLD_SIZE before starting the script.
+
+    `argument_types`: the script's dataclasses, its RunArguments subclass first; `check(*groups, world_size)` raises
+    ValueError; `step_key` is what the script counts (iteration, round) and `last_step_flag` the flag that ends it.
+    Returns (groups, arguments: every flag as one flat dict, resume folder or None)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        groups = parse_arguments(argument_types, argv)
+        run = groups[0]
+        check(*groups, world_size)
+        check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
+        arguments = {key: value for group in groups for key, value in asdict(group).items()}
+        resume_folder = find_resume_checkpoint(
+            run.resume_from_checkpoint, run.output_dir, step_key, getattr(run, last_step_flag), f"--{last_step_flag}",
+            arguments, world_size,
+        )
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    return groups, arguments, resume_folder
+
+
+def load_policy_or_exit(run: RunArguments):
+    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run."""
+    set_seed(run.seed)
+    try:
+        return load_tokenizer(run.model_name_or_path, run.trust_remote_code), load_model(
+            run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code
+        )
+    except ModelError as error:
+        sys.exit(f"error: {error}")
+
+
+def frozen_copy(model):
+    """The reference: a frozen copy of the starting policy. Make it before the TrainingRun: once a ZeRO-3 launch has
+    set up DeepSpeed, a copy's weights end up emptied with the policy's."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def main_or_exit(main: Callable[[list[str]], None]) -> None:
+    """A script's `__main__`: run main(sys.argv[1:]); a diverged run ends with one `error:` line, not a traceback."""
+    try:
+        main(sys.argv[1:])
+    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
+        sys.exit(f"error: {error}")
 
 
 def machine_description() -> str:
@@ -161,6 +278,21 @@ class NonFiniteGuard:
                 "--learning_rate or --max_grad_norm, check the reward chain, and resume from the last checkpoint "
                 "with --resume_from_checkpoint latest"
             )
+
+
+def backward_and_step(accelerator, guard: NonFiniteGuard, loss: torch.Tensor, optimizer, parameters: list,
+                      max_grad_norm: float, where: str) -> tuple[bool, bool, float | None]:
+    """One micro-batch's backward (skipped for a NaN or inf loss) and, at the gradient-sync boundary, the clipped
+    optimizer step (skipped for a NaN or inf loss of this step or gradient norm); call it inside
+    `accelerator.accumulate(model)`. Returns (finite loss, stepped, grad norm or None)."""
+    finite = guard.finite_loss(loss)
+    if finite:
+        accelerator.backward(loss)
+    stepped, grad_norm = False, None
+    if accelerator.sync_gradients:
+        grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
+        stepped = guard.step(optimizer, grad_norm, where)
+    return finite, stepped, None if grad_norm is None else float(grad_norm)
 
 
 def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, step_key: str, last_step: int,
@@ -303,14 +435,15 @@ def evaluation_table(evals: dict) -> list[str]:
 
 
 def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, card: str, arguments: dict) -> None:
-    """Policy (save_pretrained) and, for a PolicyWithValue, its value head file; tokenizer, args and model card into
+    """Policy (save_pretrained) and, for a PolicyWithValue with a value head, its value head file; tokenizer, args and model card into
     folder (main process only)."""
     unwrapped = accelerator.unwrap_model(model)
     if isinstance(unwrapped, PolicyWithValue):
         policy_state = {k.removeprefix("policy."): v for k, v in state_dict.items() if k.startswith("policy.")}
-        head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
         save_model(unwrapped.policy, tokenizer, folder, state_dict=policy_state)
-        save_value_head(unwrapped.value_head, folder, head_state)
+        if unwrapped.value_head is not None:
+            head_state = {k.removeprefix("value_head."): v for k, v in state_dict.items() if k.startswith("value_head.")}
+            save_value_head(unwrapped.value_head, folder, head_state)
     else:
         save_model(unwrapped, tokenizer, folder, state_dict=state_dict)
     (folder / ARGS_FILE).write_text(json.dumps(arguments, indent=2))
@@ -377,3 +510,172 @@ def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
         ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*"],
     )
     dataset.push_to_hub(repo_id)
+
+
+def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict) -> str:
+    """README.md of a saved model: what trained it, its held-out results, and how to play it (play.py reads the
+    prompt and scoring settings from training_args.json beside it)."""
+    return "\n".join([
+        "---", "library_name: transformers", f"tags: [textworld, {', '.join(tags)}]", "---", "",
+        f"# {title}", "", description, "",
+        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):", "",
+        *evaluation_table(evals),
+        "", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", "",
+    ])
+
+
+EVAL_LABELS = {"random": "random-admissible", "before": "before training", "after": "after training"}
+
+
+class RunningMeans:
+    """Sums of named figures over micro-batches (or optimizer steps), read back as means; NaN for a figure never
+    added (every micro-batch skipped)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, figures: dict) -> None:
+        for key, value in figures.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def mean(self, key: str) -> float:
+        return self.sums[key] / self.counts[key] if self.counts.get(key) else math.nan
+
+
+class TrainingRun:
+    """One run of a training script around its algorithm: the accelerator, the game sets, the output folder, the
+    trainer state (trainer_state.json: the step reached, counters, evaluations) and what the script does with them:
+    prepare and resume, evaluate on held-out games, log, guard the optimizer step, checkpoint, finish.
+
+    Built after the script's models (see frozen_copy) and before its optimizer. Each process samples differently
+    from here on, the same way on every rerun.
+    """
+
+    def __init__(self, run: RunArguments, arguments: dict, resume_folder: Path | None, step_key: str,
+                 gradient_accumulation_steps: int):
+        import datasets
+
+        self.run, self.arguments, self.resume_folder, self.step_key = run, arguments, resume_folder, step_key
+        self.started = time.time()
+        self.accelerator = build_accelerator(gradient_accumulation_steps, run.report_to, run.output_dir)
+        self.process_index, self.num_processes = self.accelerator.process_index, self.accelerator.num_processes
+        self.output_dir = Path(run.output_dir)
+        set_seed(run.seed, device_specific=True)
+        datasets.disable_progress_bars()  # one bar per iteration is enough
+        games_dir = Path(run.games_dir) if run.games_dir else default_cache_dir()
+        try:
+            self.train_games, self.eval_games = resolve_game_sets(
+                self.accelerator, run.train_games, run.eval_games, games_dir, run.eval_episodes > 0, run.progress
+            )
+        except (GameError, ValueError) as error:
+            sys.exit(f"error: {error}")
+        if run.overwrite_output_dir and self.accelerator.is_main_process:
+            for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR, LOG_DIR):
+                shutil.rmtree(self.output_dir / name, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        plugin = self.accelerator.state.deepspeed_plugin
+        self.zero3 = plugin is not None and plugin.zero_stage == 3
+        # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
+        self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
+        self.wall_time_before = 0.0
+        self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates)
+
+    @property
+    def evals(self) -> dict:
+        """Named held-out reports (random, before, after, ...) for the model card and the closing summary."""
+        return self.state["evals"]
+
+    def prepare(self, model, optimizer, ref_model=None):
+        """(model, optimizer, reference) ready for the launch's devices and DeepSpeed config; the model in eval mode
+        (dropout, if any, only while updating)."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        model.eval()
+        return model, optimizer, None if ref_model is None else prepare_reference(ref_model, self.accelerator)
+
+    def resume(self, optimizer, learning_rate: float) -> int:
+        """Load the checkpoint to resume from (weights, optimizer, RNG states, trainer state), start the trackers;
+        returns the first step to run."""
+        if self.resume_folder is not None:
+            self.accelerator.load_state(str(self.resume_folder / TRAINING_STATE_DIR))
+            for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
+                group["lr"] = learning_rate
+            self.state = json.loads((self.resume_folder / TRAINER_STATE_FILE).read_text())
+            self.wall_time_before = self.state["wall_time_s"]
+            self.accelerator.print(f"resumed from {self.resume_folder} at {self.step_key} {self.state[self.step_key]}")
+        if self.run.report_to != "none":
+            config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in self.arguments.items()}
+            self.accelerator.init_trackers(LOG_DIR, config=config)
+        return self.state[self.step_key] + 1
+
+    def load_process_state(self) -> dict:
+        """What the checkpoint resumed from holds for this process (its games, ...), as save_checkpoint wrote it."""
+        return load_process_state(self.resume_folder, self.process_index)
+
+    def evaluate(self, agent, model, prompt_config: PromptConfig, tokenizer) -> dict | None:
+        """`agent` plays the held-out games (every process its share, merged); None without --eval_episodes."""
+        with gathered_for_evaluation(model, self.zero3), self.accelerator.autocast():
+            return run_evaluation(
+                self.accelerator, agent, self.eval_games, self.run.eval_episodes, self.run.num_envs,
+                self.run.max_episode_turns, prompt_config, tokenizer, self.run.seed,
+            )
+
+    def evaluate_baselines(self, agent, model, prompt_config: PromptConfig, tokenizer) -> None:
+        """Once per run (not again on resume): the random-admissible agent and the untrained policy (`agent`, greedy)
+        on the held-out games, the second logged at step 0."""
+        if "random" in self.evals:
+            return
+        self.evals["random"] = self.evaluate(RandomAgent(self.run.seed), model, prompt_config, tokenizer)
+        self.log(self.evaluate_held_out(agent, model, prompt_config, tokenizer, "before"), step=0)
+        self.accelerator.print(f"before training: {describe(self.evals['before'])} "
+                               f"(random-admissible: {describe(self.evals['random'])})")
+
+    def progress_bar(self, first_step: int, last_step: int, description: str):
+        """tqdm over the steps first_step..last_step (a resumed run starts it part-way), on the main process only."""
+        return tqdm(range(first_step, last_step + 1), desc=description, initial=first_step - 1, total=last_step,
+                    disable=not (self.run.progress and self.accelerator.is_main_process))
+
+    def evaluate_held_out(self, agent, model, prompt_config: PromptConfig, tokenizer, name: str | None = None) -> dict:
+        """A timed evaluation of the policy, added to the learning curve (and to `evals` under `name`); returns its
+        eval/ and perf/eval_s metrics."""
+        started = time.time()
+        report = self.evaluate(agent, model, prompt_config, tokenizer)
+        if name is not None:
+            self.evals[name] = report
+        if report:
+            self.state["eval_history"].append({
+                self.step_key: self.state[self.step_key], "env_steps": self.state["env_steps"],
+                **{key: report[key] for key in ("normalized_score", "win_rate", "invalid_rate", "mean_steps")},
+            })
+        return {**eval_metrics(report), "perf/eval_s": time.time() - started}
+
+    def reduce(self, metrics: dict[str, float], reduction: str = "mean") -> dict[str, float]:
+        """The same named figures over all processes (mean or sum), matched by name."""
+        names = sorted(metrics)
+        values = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(names, self.accelerator.reduce(values, reduction).tolist()))
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.accelerator.log(metrics, step=step)
+
+    def save_checkpoint(self, model, tokenizer, card: str, process_state: dict | None = None) -> Path:
+        """checkpoints/checkpoint-STEP of the step reached (see save_checkpoint)."""
+        self.state["wall_time_s"] = self.wall_time_before + time.time() - self.started
+        return save_checkpoint(
+            self.accelerator, model, tokenizer, self.output_dir, self.state[self.step_key], self.state, card,
+            self.arguments, self.run.save_total_limit, process_state,
+        )
+
+    def finish(self, model, tokenizer, card: str, checkpoint: Path | None, rollouts: Callable | None = None) -> None:
+        """The final model at output_dir's root, the Hub upload (model, and the dataset `rollouts()` loads), the closing
+        summary, the trackers closed."""
+        save_final_model(self.accelerator, model, tokenizer, self.output_dir, card, self.arguments)
+        if self.run.push_to_hub and self.accelerator.is_main_process:
+            push_to_hub(self.run.push_to_hub, self.output_dir, rollouts())
+        self.accelerator.print(
+            f"held-out eval on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
+            + "".join(f"  {EVAL_LABELS.get(name, name) + ':':<19}{describe(report)}\n" for name, report in self.evals.items())
+            + f"model: {self.output_dir} (checkpoint: {checkpoint})"
+        )
+        self.accelerator.end_training()

@@ -1,4 +1,4 @@
-"""The value head, the policy-with-value module that PPO trains, and which of the policy's layers train.
+"""The value head and the policy-with-value module that PPO trains.
 
 The value head maps the policy's last hidden state (after the final norm) at every position to a scalar: a linear
 layer, or a 2-layer MLP. It lives in its own file, `value_head.safetensors`, beside the policy's weights, with its
@@ -10,7 +10,6 @@ for (the response positions), since full-sequence logits are the biggest tensor 
 """
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -90,9 +89,10 @@ def load_value_head(folder: str | Path) -> ValueHead:
 
 
 class PolicyWithValue(nn.Module):
-    """A causal LM and its value head as one module: the parameters are `policy.*` and `value_head.*`."""
+    """A causal LM and its value head as one module: the parameters are `policy.*` and `value_head.*`. Without a
+    value head (critic-free advantages) the values it returns are None and it holds no value-head parameters."""
 
-    def __init__(self, policy: nn.Module, value_head: ValueHead):
+    def __init__(self, policy: nn.Module, value_head: ValueHead | None):
         super().__init__()
         self.policy = policy
         self.value_head = value_head
@@ -116,9 +116,12 @@ class PolicyWithValue(nn.Module):
             # With gradient (the update) one packed row per state: backward keeps each prompt's keys and values once,
             # not once per candidate as the cached way's copies would (several GB); acting uses the faster cached way.
             score = candidate_logprobs_packed if torch.is_grad_enabled() else candidate_logprobs
+            if self.value_head is None:
+                return score(self.policy, **candidates), None
             return score(self.policy, **candidates, value_head=self.value_head)
         hidden = decoder_hidden(self.policy, input_ids, attention_mask, position_ids)[:, start:end]
-        return self.policy.get_output_embeddings()(hidden), self.value_head(hidden)
+        values = None if self.value_head is None else self.value_head(hidden)
+        return self.policy.get_output_embeddings()(hidden), values
 
 
 def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) -> torch.Tensor:
@@ -126,50 +129,3 @@ def decoder_hidden(model: nn.Module, input_ids, attention_mask, position_ids) ->
     decoder = model.get_decoder()
     output = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     return output.last_hidden_state
-
-
-def response_logits(model, input_ids, attention_mask, position_ids, start: int, end: int) -> torch.Tensor:
-    """A plain LM's logits at positions start..end-1 only (for the reference model).
-
-    One call of the whole model (`logits_to_keep` keeps the tail), so that `model` may also be a DeepSpeed engine:
-    ZeRO-3 gathers weights in hooks that expect the forward to enter at the top module.
-    """
-    keep = input_ids.shape[1] - start
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, logits_to_keep=keep,
-                   use_cache=False).logits
-    return logits[:, : end - start]
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The LM's stack of decoder blocks: the ModuleList holding `num_hidden_layers` blocks."""
-    count = model.config.num_hidden_layers
-    for module in model.get_decoder().modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}; use --trainable_layers_fraction 1")
-
-
-def freeze_lower_layers(model: nn.Module, fraction: float) -> list[str]:
-    """Train only the last `fraction` of the decoder layers, the final norm, and the LM head when it is not tied to
-    the input embeddings; everything below stays frozen, so backward stops at the first trainable layer.
-
-    fraction 1 trains every parameter (embeddings included). Returns the names of the trainable parameters.
-    """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"trainable_layers_fraction must be in (0, 1], got {fraction}")
-    if fraction == 1:
-        model.requires_grad_(True)
-        return [name for name, _ in model.named_parameters()]
-    layers = decoder_layers(model)
-    num_trainable = max(1, math.ceil(fraction * len(layers)))
-    model.requires_grad_(False)
-    for layer in layers[len(layers) - num_trainable :]:
-        layer.requires_grad_(True)
-    decoder = model.get_decoder()
-    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(decoder, "ln_f", None)
-    if norm is not None:
-        norm.requires_grad_(True)
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is not embeddings.weight:
-        head.requires_grad_(True)
-    return [name for name, param in model.named_parameters() if param.requires_grad]

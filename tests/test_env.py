@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -76,8 +77,6 @@ def test_truncation_invalid_commands_and_idle_slots(tiny_games):
         assert first[2] is None
         assert not first[0].invalid and first[1].invalid
         assert not any(r.done for r in first[:2])
-        with pytest.raises(ValueError, match="slot 0 is playing but got no command"):
-            env.step([None, "look", None])
         second = env.step(["look", "look", None])
         for result in second[:2]:
             assert result.truncated and not result.terminated and result.done
@@ -166,3 +165,82 @@ def test_state_dict_puts_every_slot_back_where_it_stood(small_games):
                 assert [r.next_state for r in restored.step(commands)] == [r.next_state for r in env.step(commands)]
     with BatchEnv(small_games, num_envs=2, seed=3) as other, pytest.raises(ValueError, match="resume with the flags"):
         other.load_state_dict(saved)
+
+
+def test_group_members_play_the_same_game_from_the_same_start(small_games):
+    options = {"num_envs": 4, "max_episode_turns": 2, "shuffle": True, "seed": 5}
+    grouped, solo = BatchEnv(small_games, **options, group_size=2, num_episodes=3), BatchEnv(small_games, **options)
+    with grouped, solo:
+        states, solo_states = grouped.reset(), solo.reset()
+        assert [s and s.episode for s in states] == [0, 0, 1, 1]
+        # One game per group episode, in the order a run without groups hands its slots their games.
+        assert [s.game for s in states] == [s.game for s in solo_states[:2] for _ in range(2)]
+        assert states[0].game != states[2].game
+        assert view(states[0]) == view(states[1]) and view(states[2]) == view(states[3])
+        # Members take different commands and still move on together, onto one new episode per group (the last
+        # one: group 1 finds none left and goes idle).
+        for commands in (["look", "inventory", "inventory", "look"], ["look"] * 4):
+            results = grouped.step(commands)
+        assert all(result.truncated for result in results)
+        assert [result.next_state and result.next_state.episode for result in results] == [2, 2, None, None]
+        assert results[0].next_state.game == results[1].next_state.game == solo_states[2].game
+        assert view(results[0].next_state) == view(results[1].next_state)
+        assert grouped.states[2:] == [None, None]
+
+
+def test_a_member_that_ends_first_waits_for_its_group(tiny_games):
+    with BatchEnv(tiny_games, num_envs=4, max_episode_turns=4, group_size=2) as env:
+        first = env.reset()
+        won, wandering, *others = env.step([first[0].walkthrough[0], "look", "look", "look"])
+        assert won.terminated and won.state.won and won.next_state is None
+        assert not wandering.done and env.states[0] is None
+        assert all(not result.done for result in others)
+        # The waiting member ignores its command while the others play on.
+        waiting = env.step(["take coin", "look", "look", "look"])
+        assert waiting[0] is None and env.states[0] is None and waiting[1].state.steps == 2
+        env.step([None, "look", "look", "look"])
+        last = env.step([None, "look", None, None])  # group 1 holds: only group 0 resets
+        assert last[0] is None and last[1].truncated and not last[1].state.won
+        assert env.states[0] == last[1].next_state == env.states[1]
+        assert (last[1].next_state.episode, last[1].next_state.game, last[1].next_state.steps) == (2, tiny_games[0], 0)
+        assert view(last[1].next_state) == view(first[0])
+        assert [state.episode for state in env.states[2:]] == [1, 1]
+
+
+def test_a_playing_slot_without_a_command_holds(tiny_games):
+    with BatchEnv(tiny_games, num_envs=3, max_episode_turns=2) as env:
+        env.reset()
+        env.step(["look", "look", "look"])
+        before = env.states
+        held, moved, won = env.step([None, "look", "take coin"])
+        assert held is None and env.states[0] == before[0] and env.states[0].steps == 1
+        assert moved.truncated and moved.state.steps == 2 and won.terminated
+        # The hold did not count against the step limit, and the slot plays on where it stood.
+        (result, *_) = env.step(["inventory", "look", "look"])
+        assert result.state.steps == 2 and result.state.game == before[0].game and result.truncated
+
+
+def test_state_dict_brings_waiting_members_back_waiting(small_games):
+    options = {"num_envs": 4, "max_episode_turns": 5, "shuffle": True, "seed": 3, "group_size": 2}
+    with BatchEnv(small_games, **options) as env:
+        states = env.reset()
+        for command in states[0].walkthrough:
+            env.step([command, "look", "look", "inventory"])
+        assert env.states[0] is None and env.states[1] is not None  # the winner waits for its partner
+        saved = json.loads(json.dumps(env.state_dict()))
+        assert saved["group_size"] == 2
+        with BatchEnv(small_games, **options) as restored:
+            assert restored.load_state_dict(saved) == env.states
+            for _ in range(5):
+                commands = [None if state is None else scripted_command(state) for state in env.states]
+                assert restored.step(commands) == env.step(commands)
+                assert restored.states == env.states
+            assert env.states[0].episode == env.states[1].episode == 2  # the group moved on within those steps
+    with BatchEnv(small_games, **{**options, "group_size": 1}) as solo:
+        with pytest.raises(ValueError, match="group_size 2, not 1"):
+            solo.load_state_dict(saved)
+
+
+def test_slots_must_fill_whole_groups(tiny_games):
+    with pytest.raises(ValueError, match="num_envs=3 is not divisible by group_size=2"):
+        BatchEnv(tiny_games, num_envs=3, group_size=2)

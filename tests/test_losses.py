@@ -21,6 +21,7 @@ from lib.losses import (
     masked_whiten,
     mean_var_from_moments,
     policy_loss,
+    ppo_loss,
     turn_gae,
     value_loss,
     whiten_with_stats,
@@ -125,15 +126,15 @@ def test_kl_estimators_hand_values():
     logprob = torch.tensor([-1.0, -2.0, -0.5])
     ref_logprob = torch.tensor([-2.0, -1.0, -0.5])
     # log r = ref - logprob = [-1, 1, 0]
-    assert torch.allclose(kl_estimate(logprob, ref_logprob, "k1"), torch.tensor([1.0, -1.0, 0.0]))
-    assert torch.allclose(kl_estimate(logprob, ref_logprob, "k2"), torch.tensor([0.5, 0.5, 0.0]))
+    assert torch.allclose(kl_estimate(logprob, ref_logprob, estimator="k1"), torch.tensor([1.0, -1.0, 0.0]))
+    assert torch.allclose(kl_estimate(logprob, ref_logprob, estimator="k2"), torch.tensor([0.5, 0.5, 0.0]))
     expected_k3 = torch.tensor([math.exp(-1) - 1 + 1, math.e - 1 - 1, 0.0])
-    assert torch.allclose(kl_estimate(logprob, ref_logprob, "k3"), expected_k3)
+    assert torch.allclose(kl_estimate(logprob, ref_logprob, estimator="k3"), expected_k3)
 
 
 def test_k3_nonnegative_and_unbiased_estimators_average_to_exact_kl():
     torch.manual_seed(3)
-    assert torch.all(kl_estimate(torch.randn(10_000) * 3, torch.randn(10_000) * 3, "k3") >= 0)
+    assert torch.all(kl_estimate(torch.randn(10_000) * 3, torch.randn(10_000) * 3, estimator="k3") >= 0)
 
     policy = Categorical(logits=torch.randn(6, dtype=torch.float64))
     reference = Categorical(logits=torch.randn(6, dtype=torch.float64))
@@ -141,12 +142,12 @@ def test_k3_nonnegative_and_unbiased_estimators_average_to_exact_kl():
     logprob, ref_logprob = policy.log_prob(samples), reference.log_prob(samples)
     true_kl = kl_divergence(policy, reference).item()
     for estimator in ("k1", "k3"):
-        assert kl_estimate(logprob, ref_logprob, estimator).mean().item() == pytest.approx(true_kl, abs=0.01)
+        assert kl_estimate(logprob, ref_logprob, estimator=estimator).mean().item() == pytest.approx(true_kl, abs=0.01)
 
 
 def test_kl_estimate_unknown_estimator_names_valid_options():
     with pytest.raises(ValueError, match="k1, k2, k3"):
-        kl_estimate(torch.zeros(2), torch.zeros(2), "k4")
+        kl_estimate(torch.zeros(2), torch.zeros(2), estimator="k4")
 
 
 @pytest.mark.parametrize("direction", ["reverse", "forward"])
@@ -156,7 +157,7 @@ def test_exact_kl_matches_torch_distributions(direction):
     ref_logits = torch.randn(2, 5, 11, dtype=torch.float64) * 2
     policy, reference = Categorical(logits=logits), Categorical(logits=ref_logits)
     expected = kl_divergence(policy, reference) if direction == "reverse" else kl_divergence(reference, policy)
-    result = exact_kl(logits, ref_logits, direction)
+    result = exact_kl(logits, ref_logits, direction=direction)
     assert result.shape == (2, 5)
     assert torch.allclose(result, expected)
     assert torch.all(result >= -1e-12)
@@ -167,7 +168,7 @@ def test_exact_kl_gradient_flows_into_logits_only(direction):
     torch.manual_seed(5)
     logits = torch.randn(2, 3, 7, requires_grad=True)
     ref_logits = torch.randn(2, 3, 7, requires_grad=True)
-    exact_kl(logits, ref_logits, direction).sum().backward()
+    exact_kl(logits, ref_logits, direction=direction).sum().backward()
     assert ref_logits.grad is None
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
@@ -176,7 +177,7 @@ def test_exact_kl_is_zero_for_identical_distributions_and_rejects_unknown_direct
     logits = torch.randn(1, 2, 5)
     assert torch.allclose(exact_kl(logits, logits + 3.0), torch.zeros(1, 2), atol=1e-6)
     with pytest.raises(ValueError, match="reverse, forward"):
-        exact_kl(logits, logits, "sideways")
+        exact_kl(logits, logits, direction="sideways")
 
 
 # ---------------------------------------------------------------- log-probs and entropy
@@ -251,7 +252,9 @@ def test_gae_matches_naive_loop(gamma_token, gamma_turn, lam):
     next_values = torch.randn(batch, dtype=torch.float64)
     dones = torch.tensor([False, True, False, True, True, False])
 
-    advantages, returns = gae_advantages(rewards, values, mask, next_values, dones, gamma_token, gamma_turn, lam)
+    advantages, returns = gae_advantages(
+        rewards, values, mask, next_values, dones, gamma_token=gamma_token, gamma_turn=gamma_turn, lam=lam
+    )
     expected_advantages, expected_returns = naive_token_gae(
         rewards, values, mask, next_values, dones, gamma_token, gamma_turn, lam
     )
@@ -259,7 +262,9 @@ def test_gae_matches_naive_loop(gamma_token, gamma_turn, lam):
     assert torch.allclose(returns, expected_returns)
     assert torch.all(advantages[2] == 0) and torch.all(returns[2] == 0)
 
-    float_dones = gae_advantages(rewards, values, mask, next_values, dones.double(), gamma_token, gamma_turn, lam)
+    float_dones = gae_advantages(
+        rewards, values, mask, next_values, dones.double(), gamma_token=gamma_token, gamma_turn=gamma_turn, lam=lam
+    )
     assert torch.allclose(float_dones[0], advantages)
 
 
@@ -268,12 +273,13 @@ def test_gae_ignores_padding_and_next_value_of_terminated_turns():
     mask = prefix_mask([4, 2], 5)
     rewards, values = torch.randn(2, 5), torch.randn(2, 5)
     next_values, dones = torch.tensor([1.0, 2.0]), torch.tensor([True, False])
-    advantages, returns = gae_advantages(rewards, values, mask, next_values, dones, 0.9, 0.8, 0.7)
+    kwargs = dict(gamma_token=0.9, gamma_turn=0.8, lam=0.7)
+    advantages, returns = gae_advantages(rewards, values, mask, next_values, dones, **kwargs)
 
     noisy_rewards, noisy_values = rewards.clone(), values.clone()
     noisy_rewards[~mask], noisy_values[~mask] = float("nan"), float("inf")
     noisy_next_values = torch.tensor([float("nan"), 2.0])
-    noisy = gae_advantages(noisy_rewards, noisy_values, mask, noisy_next_values, dones, 0.9, 0.8, 0.7)
+    noisy = gae_advantages(noisy_rewards, noisy_values, mask, noisy_next_values, dones, **kwargs)
     assert torch.equal(noisy[0], advantages) and torch.equal(noisy[1], returns)
 
 
@@ -306,14 +312,14 @@ def test_turn_gae_matches_naive_loop_with_dones_and_truncations_in_the_middle():
     truncateds = torch.zeros(num_segments, num_turns, dtype=torch.bool)
     truncateds[0, 4] = truncateds[3, 0] = True
 
-    advantages, returns = turn_gae(rewards, values, mask, next_values, dones, 0.9, 0.8, truncateds)
+    advantages, returns = turn_gae(rewards, values, mask, next_values, dones, truncateds, gamma=0.9, lam=0.8)
     expected = naive_turn_gae(rewards, values, mask, next_values, dones, truncateds, 0.9, 0.8)
     assert torch.allclose(advantages, expected[0])
     assert torch.allclose(returns, expected[1])
     assert torch.all(advantages[2] == 0)
 
     no_truncation = torch.zeros_like(truncateds)
-    advantages, returns = turn_gae(rewards, values, mask, next_values, dones.double(), 0.9, 0.8)
+    advantages, returns = turn_gae(rewards, values, mask, next_values, dones.double(), gamma=0.9, lam=0.8)
     expected = naive_turn_gae(rewards, values, mask, next_values, dones, no_truncation, 0.9, 0.8)
     assert torch.allclose(advantages, expected[0])
     assert torch.allclose(returns, expected[1])
@@ -326,7 +332,7 @@ def test_turn_gae_hand_computed_example():
     values = torch.tensor([[0.2, 0.5]])
     next_values = torch.tensor([[0.5, float("nan")]])
     dones = torch.tensor([[0.0, 1.0]])
-    advantages, returns = turn_gae(rewards, values, torch.ones(1, 2), next_values, dones, 0.9, 0.5)
+    advantages, returns = turn_gae(rewards, values, torch.ones(1, 2), next_values, dones, gamma=0.9, lam=0.5)
     assert torch.allclose(advantages, torch.tensor([[0.475, 0.5]]))
     assert torch.allclose(returns, torch.tensor([[0.675, 1.0]]))
 
@@ -342,11 +348,10 @@ def test_policy_loss_clipping_hand_example():
     old_logprobs = torch.full_like(ratios, -2.0)
     logprobs = (old_logprobs + ratios.log()).requires_grad_(True)
 
-    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range)
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
     # Per token: max(-1.5, -1.2), max(-0.5, -0.8), max(0.5, 0.8), max(1.5, 1.2), max(-1, -1).
     assert loss.item() == pytest.approx((-1.2 - 0.5 + 0.8 + 1.5 - 1.0) / 5)
     assert stats["clipfrac"].item() == pytest.approx(2 / 5)
-    assert stats["ratio_mean"].item() == pytest.approx((1.5 + 0.5 + 0.5 + 1.5 + 1.0) / 5)
     expected_kl = sum(r - 1 - math.log(r) for r in (1.5, 0.5, 0.5, 1.5, 1.0)) / 5
     assert stats["approx_kl"].item() == pytest.approx(expected_kl)
     assert all(value.dim() == 0 and not value.requires_grad for value in stats.values())
@@ -396,12 +401,80 @@ def test_candidate_ppo_loss_hand_example(direction):
     logprobs.grad = None
     loss, stats = candidate_ppo_loss(
         logprobs, mask, torch.tensor([0, 1]), torch.tensor([0.25, 0.2], dtype=torch.float64).log(), values.detach(),
-        values.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64), values.detach(), 0.2, 0.2, 0.5, 0.0,
+        values.detach(), torch.tensor([1.0, -2.0], dtype=torch.float64), values.detach(), clip_range=0.2,
+        clip_range_value=0.2, vf_coef=0.5, ent_coef=0.0,
     )
     loss.backward()
     expected = torch.zeros(2, 3, dtype=torch.float64)
     expected[1, 1] = 2.0 * 1.0 / 2  # d/dlogprob of -A * ratio at ratio 1, averaged over 2 turns
     assert torch.allclose(logprobs.grad, expected) and stats["kl_loss"] == 0
+
+
+def entropy_of(p):
+    return -sum(a * math.log(a) for a in p)
+
+
+def kl_of(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
+
+
+def two_by_two_logits(probabilities, shift):
+    """(2, 2, 3) logits: tokens (0, 0), (0, 1), (1, 0) have these probabilities (log + shift: softmax must
+    normalise), the padded token (1, 1) garbage, finite as logits must be."""
+    rows = [[math.log(a) + shift for a in p] for p in probabilities] + [[7.0, -3.0, 2.0]]
+    return torch.tensor(rows, dtype=torch.float64).view(2, 2, 3)
+
+
+@pytest.mark.parametrize("direction", ["reverse", "forward"])
+def test_ppo_loss_hand_example(direction):
+    """Every term of the token-level PPO loss, its coefficient and its sign, against plain-math values; the padded
+    token (NaN rollout data, garbage logits) adds nothing."""
+    # Three real tokens, clip_range 0.2, each term max(-A * ratio, -A * clip(ratio)):
+    #   (0, 0) pi = (.5, .25, .25), label 0, behaviour prob .25: ratio 2,  A = 1:  max(-2, -1.2) = -1.2 (clipped)
+    #   (0, 1) pi = (.2, .6, .2),   label 1, behaviour prob .4:  ratio 1.5, A = -2: max(3, 2.4) = 3 (unclipped)
+    #   (1, 0) pi = (.1, .3, .6),   label 1, behaviour prob .6:  ratio .5,  A = -1: max(.5, .8) = .8 (clipped)
+    pi = [[0.5, 0.25, 0.25], [0.2, 0.6, 0.2], [0.1, 0.3, 0.6]]
+    ref = [[1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25], [0.2, 0.4, 0.4]]
+    nan = float("nan")
+    loss, stats = ppo_loss(
+        two_by_two_logits(pi, 2.0),
+        values=torch.tensor([[1.0, 0.0], [-0.5, nan]], dtype=torch.float64),
+        labels=torch.tensor([[0, 1], [1, 2]]),
+        mask=torch.tensor([[1, 1], [1, 0]], dtype=torch.bool),
+        old_logprobs=torch.tensor([[0.25, 0.4], [0.6, nan]], dtype=torch.float64).log(),
+        old_values=torch.tensor([[0.5, 0.1], [0.0, nan]], dtype=torch.float64),
+        advantages=torch.tensor([[1.0, -2.0], [-1.0, nan]], dtype=torch.float64),
+        returns=torch.tensor([[2.0, 1.0], [0.0, nan]], dtype=torch.float64),
+        ref_logits=two_by_two_logits(ref, -1.0), clip_range=0.2, clip_range_value=0.2, vf_coef=0.7, ent_coef=0.05,
+        kl_loss_coef=0.3, kl_direction=direction,
+    )
+    policy = (-1.2 + 3.0 + 0.8) / 3
+    # clip_range_value 0.2: (0, 0) V 1 from old .5 clips to .7: max((1 - 2)^2, (.7 - 2)^2) = 1.69 (clipped);
+    # (0, 1) V 0 from old .1 is within the range: 1; (1, 0) V -.5 from old 0 clips to -.2: max(.25, .04) = .25.
+    value = 0.5 * (1.69 + 1.0 + 0.25) / 3
+    entropy = sum(entropy_of(p) for p in pi) / 3
+    kl = sum(kl_of(p, q) if direction == "reverse" else kl_of(q, p) for p, q in zip(pi, ref)) / 3
+    assert stats["policy_loss"].item() == pytest.approx(policy)
+    assert stats["value_loss"].item() == pytest.approx(value)
+    assert stats["entropy"].item() == pytest.approx(entropy)
+    assert stats["kl_loss"].item() == pytest.approx(kl)
+    assert stats["clipfrac"].item() == pytest.approx(2 / 3)
+    assert stats["value_clipfrac"].item() == pytest.approx(1 / 3)
+    assert stats["approx_kl"].item() == pytest.approx(sum(r - 1 - math.log(r) for r in (2.0, 1.5, 0.5)) / 3)
+    assert loss.item() == pytest.approx(policy + 0.7 * value - 0.05 * entropy + 0.3 * kl)
+
+
+def test_loss_options_are_keyword_only():
+    """Clip ranges and coefficients cannot be passed by position: a call in the old order (options right after the
+    tensors) fails instead of binding the first option to the reference."""
+    labels, mask = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3, dtype=torch.bool)
+    per_token = [torch.zeros(2, 3)] * 5  # values, old_logprobs, old_values, advantages, returns
+    with pytest.raises(TypeError, match="positional arguments but"):
+        ppo_loss(torch.zeros(2, 3, 4), per_token[0], labels, mask, *per_token[1:], 0.2, 0.2, 0.5, 0.01)
+    per_turn = [torch.zeros(2)] * 5  # old_logprobs, values, old_values, advantages, returns
+    with pytest.raises(TypeError, match="positional arguments but"):
+        candidate_ppo_loss(torch.zeros(2, 3), mask, labels[:, 0], *per_turn, 0.2, 0.2, 0.5, 0.01)
+
 
 def test_policy_loss_without_clipping_is_the_policy_gradient():
     torch.manual_seed(11)
@@ -411,7 +484,6 @@ def test_policy_loss_without_clipping_is_the_policy_gradient():
     loss, stats = policy_loss(logprobs, logprobs.detach(), advantages, mask, clip_range=0.2)
     assert loss.item() == pytest.approx(-advantages[mask].mean().item(), abs=1e-6)
     assert stats["clipfrac"].item() == 0.0 and stats["approx_kl"].item() == 0.0
-    assert stats["ratio_mean"].item() == pytest.approx(1.0)
 
 
 def test_value_loss_clipping_hand_example():

@@ -31,7 +31,7 @@ from lib.prompts import PromptConfig, parse_command
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("normalized_score", "win_rate", "mean_steps", "invalid_rate")
-TRANSCRIPT_COLUMNS = {"game", "episode", "step", "prompt", "response", "command", "observation", "reward", "score",
+TRANSCRIPT_COLUMNS = {"game", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
                       "max_score", "done", "won", "invalid"}
 
 
@@ -191,7 +191,7 @@ def test_evaluation_split_over_ranks_merges_to_the_single_run(small_games):
 
     assert turns(ranks[0].transcripts + ranks[1].transcripts) == turns(single.transcripts)
     assert [t["episode"] for t in single.transcripts] == [0, 1, 2, 3, 4, 5]
-    assert all(t["done"] and t["step"] == 0 and t["prompt"] == t["prompt"].strip() for t in single.transcripts)
+    assert all(t["done"] and t["turn"] == 1 and t["prompt"] == t["prompt"].strip() for t in single.transcripts)
     with pytest.raises(ValueError, match="pass the tokenizer"):
         evaluate(ModelAgent(None, None, GenerationConfig()), small_games, **options)
 
@@ -252,6 +252,7 @@ def test_play_random_end_to_end(small_games, tmp_path):
     assert [row["episodes"] for row in report["games"]] == [2, 2, 2, 2]
     assert report["invalid_rate"] == 0.0 and 0 < report["mean_steps"] <= 10
     assert report["args"]["num_envs"] == 4
+    assert report["settings_source"] == dict.fromkeys(play.TRAINING_SETTINGS, "default")
     transcripts = load_from_disk(str(out / "transcripts"))
     assert set(transcripts.column_names) == TRANSCRIPT_COLUMNS
     assert len(transcripts) == round(report["mean_steps"] * report["episodes"])
@@ -278,8 +279,8 @@ def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeyp
     monkeypatch.setattr(play.Dataset, "push_to_hub", lambda dataset, repo_id: pushed.append((repo_id, len(dataset))))
     out = tmp_path / "model"
     code = play.main(["--agent", "model", "--action_mode", "generate", "--model_name_or_path", tiny_model_path,
-                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3", "--max_new_tokens", "4",
-                      "--output_dir", str(out), "--push_to_hub", "someone/transcripts"])
+                      "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3",
+                      "--max_new_tokens", "4", "--output_dir", str(out), "--push_to_hub", "someone/transcripts"])
     assert code == 0
     assert "all (model)" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
@@ -291,8 +292,8 @@ def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeyp
     assert all(p.endswith("<|im_start|>assistant\n") for p in transcripts["prompt"])
     assert transcripts["command"] == [parse_command(text) for text in transcripts["response"]]
     # Memory: from the second turn of an episode on, the prompt shows the earlier command.
-    first_turns = {t["episode"]: t["prompt"].count("<|im_start|>user") for t in transcripts if t["step"] == 0}
-    second = [t for t in transcripts if t["step"] == 1]
+    first_turns = {t["episode"]: t["prompt"].count("<|im_start|>user") for t in transcripts if t["turn"] == 1}
+    second = [t for t in transcripts if t["turn"] == 2]
     assert second and all(t["prompt"].count("<|im_start|>user") == first_turns[t["episode"]] + 1 for t in second)
 
 

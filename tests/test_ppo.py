@@ -8,10 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lib.training
 import ppo_textworld
+from lib.arguments import parse_arguments
 from lib.losses import penalized_rewards, ppo_loss
 from lib.models import load_model
-from lib.rollout import load_rollouts, pack_sequences
+from lib.rollout import load_rollouts
+from lib.sequences import pack_sequences
 from lib.value_head import PolicyWithValue, ValueHead, load_value_head
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,8 @@ def test_every_sample_of_a_minibatch_gets_gradient(tiny_model_path):
         with torch.no_grad():
             old_logprobs = torch.log_softmax(logits, -1).gather(-1, packed["response_ids"][rows, :, None])[..., 0]
         loss, _ = ppo_loss(logits, values, packed["response_ids"][rows], mask[rows], old_logprobs + 0.05,
-                           values.detach() + 0.01, advantages[rows], returns[rows], 0.2, 0.2, 0.5, 0.01)
+                           values.detach() + 0.01, advantages[rows], returns[rows], clip_range=0.2, clip_range_value=0.2,
+                           vf_coef=0.5, ent_coef=0.01)
         return loss, logits, values
 
     loss, logits, values = minibatch_loss(torch.arange(4))
@@ -88,7 +92,7 @@ BAD_FLAGS = [
 
 @pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[named + " " + " ".join(flags) for flags, named in BAD_FLAGS])
 def test_bad_flags_fail_before_any_model_loads(flags, named, tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo_textworld, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(lib.training, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
         ppo_textworld.main(["--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags])
     message = str(exit_info.value.code)
@@ -197,7 +201,7 @@ def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_pat
     )
     assert "after training" in log
     dataset = load_rollouts(output)
-    assert dataset.num_rows == 2 * 2 and sorted(set(dataset["rank"])) == [0, 1]
+    assert dataset.num_rows == 2 * 2 and sorted(set(dataset["process"])) == [0, 1]
     assert sorted(set(dataset["game"])) == sorted(tiny_games)  # each process played its own game
     assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
     assert load_value_head(output).config()["head_type"] == "linear"
@@ -232,7 +236,7 @@ def test_two_process_deepspeed_zero2_on_cpu_score_mode(tiny_model_path, tiny_gam
     log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
                                    action_mode="score", max_candidates=3), launcher, timeout=600)
     assert "after training" in log
-    assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["rank"])) == [0, 1]
+    assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["process"])) == [0, 1]
 
 
 def test_accelerate_configs_parse():
@@ -243,3 +247,96 @@ def test_accelerate_configs_parse():
         config = load_config_from_file(str(ROOT / "accelerate_configs" / f"{name}.yaml"))
         assert (config.deepspeed_config or {}).get("zero_stage") == stage, name
         assert not config.use_cpu, name  # with use_cpu, two gloo processes do not start on a CPU machine
+
+
+def test_a_custom_reward_fn_is_what_the_turns_earn(tiny_model_path, tiny_games, tmp_path, monkeypatch):
+    """REWARD_FN replaces the reward chain, and it sees the episode's history: here 0.1 per earlier turn of the
+    episode, +1 for a command already given in it."""
+
+    def reward(outcome):
+        repeated = any(turn.command == outcome.command for turn in outcome.history)
+        return 0.1 * len(outcome.history) + float(repeated)
+
+    monkeypatch.setattr(ppo_textworld, "REWARD_FN", reward)
+    output = tmp_path / "ppo"
+    ppo_textworld.main(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, action_mode="score",
+                                     max_candidates=3, eval_episodes=0, report_to="none", max_episode_turns=4,
+                                     turns_per_slot=4))
+    rows = sorted(load_rollouts(output).to_list(), key=lambda row: (row["slot"], row["episode"], row["turn"]))
+    earlier: dict[tuple, list[str]] = {}
+    for row in rows:
+        commands = earlier.setdefault((row["slot"], row["episode"]), [])
+        assert row["turn"] == len(commands) + 1
+        assert row["reward"] == pytest.approx(0.1 * len(commands) + float(row["command"] in commands))
+        commands.append(row["command"])
+    assert any(row["turn"] > 1 for row in rows)
+
+
+def test_grpo_plays_groups_of_whole_episodes_and_builds_no_value_head(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, action_mode="score",
+                                   max_candidates=3, report_to="none", advantage_estimator="grpo", group_size=2,
+                                   num_minibatches=1, temperature=4, clip_range_value="none"))
+    assert "after training" in log
+    for folder in (output, output / "checkpoints" / "checkpoint-2"):
+        assert not (folder / "value_head.safetensors").exists()
+    state = load_file(output / "checkpoints" / "checkpoint-2" / "training_state" / "model.safetensors")
+    assert state and not any(key.startswith("value_head.") for key in state)
+    rows = load_rollouts(output).to_list()
+    for iteration in (1, 2):
+        episodes: dict[tuple, list[dict]] = {}
+        for row in rows:
+            if row["iteration"] == iteration:
+                episodes.setdefault((row["slot"], row["episode"]), []).append(row)
+        # Whole episodes: each slot played exactly one, from its first turn to its end; the two slots of the group
+        # played the same game (same episode number), and their advantages are opposite or both 0.
+        assert sorted(slot for slot, _ in episodes) == [0, 1] and len({episode for _, episode in episodes}) == 1
+        for turns in episodes.values():
+            assert [row["turn"] for row in turns] == list(range(1, len(turns) + 1))
+            assert turns[-1]["done"] or turns[-1]["truncated"]
+            assert len({row["advantage"] for row in turns}) == 1
+        first, second = (turns[0]["advantage"] for turns in episodes.values())
+        assert first == pytest.approx(-second, abs=1e-5)
+        assert len({row["game"] for turns in episodes.values() for row in turns}) == 1
+
+
+def test_clip_range_value_takes_none_on_the_command_line_and_in_yaml(tmp_path):
+    def parsed(argv):
+        return parse_arguments(ppo_textworld.ALL_ARGUMENTS, argv)[1].clip_range_value
+
+    assert parsed([]) == 0.2 and parsed(["--clip_range_value", "0.3"]) == 0.3
+    assert parsed(["--clip_range_value", "none"]) is None and parsed(["--clip_range_value", "None"]) is None
+    config = tmp_path / "run.yaml"
+    config.write_text("clip_range_value: null\nnum_envs: null\n")  # null keeps the default where None is no value
+    assert parsed([str(config)]) is None and parse_arguments(ppo_textworld.ALL_ARGUMENTS, [str(config)])[0].num_envs == 8
+    assert parsed([str(config), "--clip_range_value", "0.5"]) == 0.5
+
+
+def test_deprecated_flag_names_still_work_with_a_warning(capsys):
+    run = parse_arguments(ppo_textworld.ALL_ARGUMENTS, ["--num_steps", "3", "--max_episode_steps=7"])[0]
+    assert (run.turns_per_slot, run.max_episode_turns) == (3, 7)
+    warnings = capsys.readouterr().err
+    assert "--num_steps is deprecated" in warnings and "use --turns_per_slot" in warnings
+    assert "--max_episode_steps is deprecated" in warnings
+
+
+def test_a_ppo_output_continues_with_its_value_head(tiny_model_path, tmp_path):
+    """--model_name_or_path a PPO output: its saved value head is the one training goes on with (the model card says
+    so); a head of another type is refused; a folder without one gets a new head, all zeros."""
+    import shutil
+
+    from lib.value_head import save_value_head
+
+    folder = tmp_path / "ppo_output"
+    shutil.copytree(tiny_model_path, folder)
+    policy = load_model(str(folder))
+    saved = ValueHead(policy.config.hidden_size)
+    torch.nn.init.normal_(saved.net.weight)
+    save_value_head(saved, folder)
+    args = ppo_textworld.ValueHeadArguments(detach_value_head=True)
+    head = ppo_textworld.build_value_head(policy, str(folder), args)
+    assert torch.equal(head.net.weight, saved.net.weight) and head.detach_input
+    with pytest.raises(SystemExit, match="error: .*linear value head.*--value_head_type"):
+        ppo_textworld.build_value_head(policy, str(folder), ppo_textworld.ValueHeadArguments(value_head_type="mlp"))
+    fresh = ppo_textworld.build_value_head(policy, tiny_model_path, args)
+    assert not fresh.net.weight.any()

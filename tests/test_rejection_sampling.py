@@ -10,14 +10,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import lib.training
 import rejection_sampling
 from lib.arguments import parse_arguments
 from lib.losses import sft_loss
 from lib.models import load_model, load_tokenizer
 from lib.prompts import PromptConfig, answer_text
-from lib.rollout import load_rollouts, pack_sequences
+from lib.rollout import load_rollouts
+from lib.sequences import pack_sequences, response_logits
 from lib.selection import returns_to_go, select, top_count
-from lib.value_head import response_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,6 +79,36 @@ def test_returns_to_go():
     assert returns_to_go([1.0, 0.0, 2.0], 0.5) == [1.5, 1.0, 2.0]
     assert returns_to_go([1.0, 0.0, 2.0], 1.0) == [3.0, 2.0, 2.0]
     assert returns_to_go([], 0.9) == []
+
+
+@pytest.mark.parametrize(
+    "rank_by, objectives, ranks, kept, candidate_ranks",
+    [
+        # Returns 1.0 and 0.6, KL sums 1.2 and 0.2: 1.0 - 0.5 * 1.2 = 0.4 < 0.6 - 0.5 * 0.2 = 0.5.
+        ("episode", [0.4, 0.4, 0.5, 0.5], [2, 2, 1, 1], [False, False, True, True], [2, 1]),
+        # Returns-to-go (gamma 0.5) 0.5, 1.0, 0.5, 0.2 minus 0.5 * each turn's KL.
+        ("turn", [0.25, 0.65, 0.45, 0.15], [3, 1, 2, 4], [False, True, True, False], [3, 1, 2, 4]),
+    ],
+)
+def test_rank_turns_ranks_by_return_minus_rank_kl_coef_times_kl(rank_by, objectives, ranks, kept, candidate_ranks):
+    """The objective ranked (and written into every turn) is the candidate's return minus rank_kl_coef times its KL
+    (an episode: the sum over its turns); here the KL term changes which candidates are kept."""
+    def played_turns():
+        rows = [(0, 0, 0.0, 0.5), (0, 1, 1.0, 0.7), (1, 0, 0.4, 0.1), (1, 1, 0.2, 0.1)]  # episode, turn, reward, kl
+        return [{"episode": e, "turn": t, "reward": r, "kl": kl, "won": False} for e, t, r, kl in rows]
+
+    def ranked(rank_kl_coef):
+        turns = played_turns()
+        arguments = rejection_sampling.SelectionArguments(rank_by=rank_by, gamma=0.5, keep_top_percent=50,
+                                                          rank_kl_coef=rank_kl_coef)
+        return turns, *rejection_sampling.rank_turns(turns, arguments)
+
+    turns, chosen, episode_returns = ranked(0.5)
+    assert episode_returns == pytest.approx([1.0, 0.6])
+    assert [turn["objective"] for turn in turns] == pytest.approx(objectives)
+    assert [turn["rank"] for turn in turns] == ranks and [turn["kept"] for turn in turns] == kept
+    assert chosen.ranks == candidate_ranks and chosen.num_kept == len(candidate_ranks) // 2
+    assert [turn["kept"] for turn in ranked(0.0)[0]] != kept
 
 
 # ---- the fine-tuning loss
@@ -165,7 +196,7 @@ BAD_FLAGS = [
 @pytest.mark.parametrize("flags,named", BAD_FLAGS, ids=[" ".join(flags) for flags, _ in BAD_FLAGS])
 def test_bad_flags_fail_before_any_model_loads(flags, named, tmp_path, monkeypatch):
     for loader in ("load_model", "load_tokenizer"):
-        monkeypatch.setattr(rejection_sampling, loader, lambda *a, **k: pytest.fail("a model was loaded"))
+        monkeypatch.setattr(lib.training, loader, lambda *a, **k: pytest.fail("a model was loaded"))
     with pytest.raises(SystemExit) as exit_info:
         rejection_sampling.main(["--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags])
     message = str(exit_info.value.code)
@@ -242,7 +273,7 @@ def test_two_rounds_single_process(two_rounds, tiny_model_path, tiny_games):
     assert list((output / "runs").rglob("events.out.tfevents*"))
 
     dataset = load_rollouts(output, prefix="round")
-    for column in ("round", "game", "episode", "step", "prompt", "command", "return", "rank", "kept"):
+    for column in ("round", "game", "episode", "turn", "prompt", "command", "return", "rank", "kept"):
         assert column in dataset.column_names, column
     for round_ in (1, 2):
         rows = round_rows(dataset, round_)

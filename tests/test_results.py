@@ -9,6 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 import results  # noqa: E402
+from lib.arguments import parse_arguments  # noqa: E402
 
 
 def write_run(root: Path, name: str, wall: float, report: dict | None = None, state: dict | None = None) -> None:
@@ -55,7 +56,7 @@ def test_every_experiment_command_parses(game_set, name, monkeypatch):
     assert python == "python"
     module = __import__(script.removesuffix(".py"))
     if hasattr(module, "ALL_ARGUMENTS"):
-        parsed = module.parse_arguments(module.ALL_ARGUMENTS, argv)
+        parsed = parse_arguments(module.ALL_ARGUMENTS, argv)
         assert parsed[0].output_dir == "outputs/results/x"
     else:
         assert module.parse_args(argv).output_dir == "outputs/results/x"

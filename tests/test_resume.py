@@ -90,7 +90,7 @@ def assert_same_run(first: Path, second: Path, step_key: str, prefix: str) -> No
     assert states[0] == states[1]
     rows = [load_rollouts(run, prefix=prefix).to_list() for run in (first, second)]
     assert len(rows[0]) == len(rows[1])
-    keys = [(row[step_key], row.get("rank", row.get("process")), row.get("slot"), row["episode"], row["step"]) for row in rows[1]]
+    keys = [(row[step_key], row["process"], row.get("slot"), row["episode"], row["turn"]) for row in rows[1]]
     assert len(set(keys)) == len(keys), "duplicated rollout rows"
     for a, b in zip(rows[0], rows[1]):
         assert a.keys() == b.keys()
@@ -155,6 +155,7 @@ def test_rejection_sampling_killed_and_resumed_equals_uninterrupted(tiny_model_p
 POISONED = """
 import sys
 import ppo_textworld
+from lib.training import NonFiniteError
 
 first_bad, last_bad = int(sys.argv[1]), int(sys.argv[2])
 real, calls = ppo_textworld.candidate_ppo_loss, [0]
@@ -169,7 +170,7 @@ def poisoned(*args, **kwargs):
 ppo_textworld.candidate_ppo_loss = poisoned
 try:
     ppo_textworld.main(sys.argv[3:])
-except ppo_textworld.NonFiniteError as error:
+except NonFiniteError as error:
     sys.exit(f"error: {error}")
 """
 

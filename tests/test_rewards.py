@@ -1,7 +1,7 @@
 import pytest
 
 from lib.env import GameState, StepResult
-from lib.rewards import REWARD_NAMES, RewardConfig, compute_reward, parse_reward_names
+from lib.rewards import REWARD_NAMES, RewardConfig, compute_reward, parse_reward_names, state_unchanged
 
 
 def state(observation="You are in a room.", score=0, won=False, lost=False, inventory="", steps=1):
@@ -42,6 +42,16 @@ def test_admissible_command_that_changes_nothing_is_invalid_only_with_the_state_
     assert compute_reward(step("go east", after=same), "go east", config)["invalid"] == 0.0
     moved = state("You are in the kitchen.")
     assert compute_reward(step("go east", after=moved), "go east", config, before=state())["invalid"] == 0.0
+
+
+def test_a_changed_inventory_alone_means_the_command_did_something():
+    """A command that only changes the inventory (same observation and score) is not invalid; the same command
+    changing nothing at all is."""
+    config = RewardConfig(("invalid",), invalid_penalty=1.0)
+    before, took = state(inventory=""), state(inventory="a coin")
+    assert not state_unchanged(before, took) and state_unchanged(before, state())
+    assert compute_reward(step("take coin", after=took), "take coin", config, before=before)["invalid"] == 0.0
+    assert compute_reward(step("take coin", after=state()), "take coin", config, before=before)["invalid"] == -1.0
 
 
 def test_a_crashed_game_is_not_the_commands_fault():

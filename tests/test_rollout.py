@@ -8,20 +8,12 @@ from lib.generation import GenerationConfig
 from lib.losses import gae_advantages, kl_estimate, penalized_rewards, turn_gae
 from lib.models import load_model, load_tokenizer
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
-from lib.rewards import RewardConfig
-from lib.rollout import (
-    RolloutCollector,
-    ScoringRolloutCollector,
-    collate,
-    collate_candidates,
-    load_rollouts,
-    pack_sequences,
-    rollout_rows,
-    save_rollouts,
-    turn_advantages,
-)
+from lib.rewards import RewardConfig, reward_chain
+from lib.rollout import RolloutCollector, ScoringRolloutCollector, load_rollouts, rollout_rows, save_rollouts
 from lib.scoring import ScoringConfig, candidate_logprobs_naive, encode_candidates, policy_logprobs
+from lib.sequences import pack_sequences
 from lib.value_head import PolicyWithValue, ValueHead
+from ppo_textworld import PPOArguments, collate_decisions, collate_responses, turn_level_gae
 
 OBJECTIVE = "Find the coin."
 
@@ -34,7 +26,8 @@ class ScriptedEnv:
 
     def reset(self):
         self.episodes, self.steps = [0, 0], [0, 0]
-        return [self.state(slot) for slot in range(2)]
+        self.states = [self.state(slot) for slot in range(2)]
+        return list(self.states)
 
     def state(self, slot, won=False):
         return GameState(
@@ -56,6 +49,7 @@ class ScriptedEnv:
             if done:
                 self.episodes[slot], self.steps[slot] = self.episodes[slot] + 1, 0
                 result.next_state = self.state(slot)
+            self.states[slot] = result.next_state
             results.append(result)
         return results
 
@@ -83,7 +77,7 @@ def collected(models):
     torch.manual_seed(1)
     collector = RolloutCollector(
         ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), GenerationConfig(max_new_tokens=4),
-        RewardConfig(("score", "invalid")),
+        reward_chain(RewardConfig(("score", "invalid"))),
     )
     first = collector.collect(model, ref, turns_per_slot=4)
     second = collector.collect(model, ref, turns_per_slot=1)
@@ -129,7 +123,7 @@ def test_next_value_bootstrap_indexing(collected, models):
         assert turn.truncated and not turn.done
         episode_turns = [by_step[1, step - 1], turn]
         history = [
-            Turn(clean_observation(observation(1, t.episode, t.step - 1), OBJECTIVE), t.command) for t in episode_turns
+            Turn(clean_observation(observation(1, t.episode, t.turn - 1), OBJECTIVE), t.command) for t in episode_turns
         ]
         final = build_prompt(OBJECTIVE, clean_observation(observation(1, turn.episode, 2), OBJECTIVE), "",
                              ["take coin", "go east"], history, config, tokenizer)
@@ -137,7 +131,7 @@ def test_next_value_bootstrap_indexing(collected, models):
         assert turn.next_value != pytest.approx(float(by_step[1, step + 1].values[0]) if step == 1 else
                                                 float(second.transitions[1].values[0]), abs=1e-6)
     # Histories persist across collect calls and restart with each episode.
-    assert second.transitions[0].episode == 1 and second.transitions[0].step == 2
+    assert second.transitions[0].episode == 1 and second.transitions[0].turn == 2
     assert "Room 0-1-0" in second.transitions[0].prompt
 
 
@@ -169,18 +163,18 @@ def test_rewards_and_episode_summaries(collected):
 
 def test_rollout_dataset_rows_columns_and_atomic_iterations(collected, tmp_path):
     for iteration, rollout in enumerate(collected, start=1):
-        batch = collate(rollout.transitions, pad_id=0)
-        kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], "k3") * batch["mask"]
+        batch = collate_responses(rollout.transitions, pad_id=0)
+        kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], estimator="k3") * batch["mask"]
         advantages, returns = gae_advantages(
             batch["rewards"][:, None] * batch["mask"], batch["values"], batch["mask"], batch["next_values"],
-            batch["dones"], 1.0, 0.9, 0.95,
+            batch["dones"], gamma_token=1.0, gamma_turn=0.9, lam=0.95,
         )
         rows = rollout_rows(rollout.transitions, iteration, 0, advantages, returns, kl, batch["mask"])
         save_rollouts(rows, tmp_path, iteration)
     save_rollouts(rows, tmp_path, 2)  # a rerun of an iteration replaces it instead of failing or duplicating
     dataset = load_rollouts(tmp_path)
     assert dataset.num_rows == 8 + 2
-    assert {"iteration", "game", "episode", "step", "prompt", "response", "reward", "score", "done", "advantage",
+    assert {"iteration", "process", "game", "episode", "turn", "prompt", "response", "reward", "score", "done", "advantage",
             "return", "value", "logprob", "kl"} <= set(dataset.column_names)
     assert dataset["iteration"] == [1] * 8 + [2] * 2
     first = collected[0].transitions[0]
@@ -193,7 +187,7 @@ def test_rollout_dataset_rows_columns_and_atomic_iterations(collected, tmp_path)
 
 def test_collate_pads_right_and_keeps_turn_fields(collected):
     turns = collected[0].transitions
-    batch = collate(turns, pad_id=0)
+    batch = collate_responses(turns, pad_id=0)
     lengths = [len(t.response_ids) for t in turns]
     assert batch["mask"].sum(dim=1).tolist() == lengths
     assert batch["dones"].tolist() == [float(t.done) for t in turns]
@@ -210,7 +204,7 @@ def scored_rollouts(models):
     torch.manual_seed(2)
     collector = ScoringRolloutCollector(
         ScriptedEnv(), tokenizer, PromptConfig(memory_turns=2), ScoringConfig(temperature=2.0),
-        RewardConfig(("score", "invalid")),
+        reward_chain(RewardConfig(("score", "invalid"))),
     )
     return collector.collect(model, ref, turns_per_slot=4), collector.collect(model, ref, turns_per_slot=1)
 
@@ -228,11 +222,10 @@ def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollo
         candidate_ids = encode_candidates([turn.candidates], config, tokenizer)
         assert turn.candidate_ids == candidate_ids[0] and turn.response_ids == candidate_ids[0][turn.chosen_index]
         with torch.no_grad():
-            for lm, cached in ((model.policy, turn.candidate_logprobs), (ref, turn.ref_candidate_logprobs)):
+            for lm, cached in ((model.policy, turn.logprobs), (ref, turn.ref_logprobs)):
                 scores = candidate_logprobs_naive(lm, [turn.prompt_ids], candidate_ids, tokenizer.pad_token_id)[0]
-                torch.testing.assert_close(cached, policy_logprobs(scores, 2.0), atol=1e-4, rtol=1e-4)
-        assert turn.logprobs.tolist() == [float(turn.candidate_logprobs[turn.chosen_index])]
-        assert turn.ref_logprobs.tolist() == [float(turn.ref_candidate_logprobs[turn.chosen_index])]
+                expected = policy_logprobs(scores, 2.0)[turn.chosen_index : turn.chosen_index + 1]
+                torch.testing.assert_close(cached, expected, atol=1e-4, rtol=1e-4)
         assert float(turn.values[0]) == pytest.approx(state_value(model, tokenizer, turn.prompt), abs=1e-4)
     by_step = {(t.slot, i // 2): t for i, t in enumerate(turns)}
     # The same bootstraps as generate mode: 0 after a win, the next turn's value, the final state's value.
@@ -249,19 +242,19 @@ def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollo
 
 def test_score_mode_turn_advantages_and_rows(scored_rollouts, tmp_path):
     turns = scored_rollouts[0].transitions
-    batch = collate_candidates(turns)
+    batch = collate_decisions(turns)
     assert batch["mask"].shape == batch["logprobs"].shape == batch["values"].shape == (8, 1)
-    assert batch["candidate_logprobs"].shape == batch["candidate_mask"].shape == (8, 2)
-    assert batch["chosen"].tolist() == [t.chosen_index for t in turns]
-    kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], "k3") * batch["mask"]
-    rewards = penalized_rewards(kl, batch["rewards"], batch["mask"], 0.1)[:, 0]
-    advantages, returns = turn_advantages(rewards, batch, num_slots=2, gamma=0.9, lam=0.8)
+    assert batch["chosen_index"].tolist() == [t.chosen_index for t in turns]
+    kl = kl_estimate(batch["logprobs"], batch["ref_logprobs"], estimator="k3") * batch["mask"]
+    rewards = penalized_rewards(kl, batch["rewards"], batch["mask"], kl_coef=0.1)
+    advantages, returns = turn_level_gae(turns, batch, rewards, PPOArguments(gamma_turn=0.9, lam=0.8))
+    rewards = rewards[:, 0]
     # Each slot's turns in time order, through turn_gae one slot at a time.
     for slot in (0, 1):
         rows = [i for i, t in enumerate(turns) if t.slot == slot]
         expected, expected_returns = turn_gae(
             rewards[rows][None], batch["values"][rows, 0][None], torch.ones(1, 4), batch["next_values"][rows][None],
-            batch["dones"][rows][None], 0.9, 0.8, batch["truncateds"][rows][None],
+            batch["dones"][rows][None], batch["truncateds"][rows][None], gamma=0.9, lam=0.8,
         )
         torch.testing.assert_close(advantages[rows, 0], expected[0])
         torch.testing.assert_close(returns[rows, 0], expected_returns[0])

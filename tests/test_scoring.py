@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from datasets import load_from_disk
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import play
 from lib.agents import ScoringAgent
@@ -21,7 +22,7 @@ from lib.scoring import (
     select_candidates,
 )
 
-TRANSCRIPT_COLUMNS = {"game", "episode", "step", "prompt", "response", "command", "observation", "reward", "score",
+TRANSCRIPT_COLUMNS = {"game", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
                       "max_score", "done", "won", "invalid", "candidates", "chosen_index"}
 CANDIDATES = [
     ["take coin", "go north", "examine the large wooden chest of drawers"],
@@ -41,13 +42,16 @@ def prompts_of_different_lengths(tokenizer, config: PromptConfig) -> list[str]:
             for observation, commands in zip(observations, CANDIDATES)]
 
 
-def one_by_one(model, prompt_ids, candidate_ids, length_normalize):
-    """Each candidate alone after its prompt: one unpadded sequence per forward, no batching, no cache."""
+def one_by_one(model, prompt_ids, candidate_ids, length_normalize, gap=0):
+    """Each candidate alone after its prompt: one unpadded sequence per forward, no batching, no cache. `gap` > 0
+    places the candidate that many positions too late after its prompt (a deliberate position error)."""
     scores = []
     for prompt, candidates in zip(prompt_ids, candidate_ids):
         row = []
         for candidate in candidates:
-            logits = model(input_ids=torch.tensor([prompt + candidate])).logits[0, len(prompt) - 1 : -1]
+            positions = list(range(len(prompt))) + list(range(len(prompt) + gap, len(prompt) + gap + len(candidate)))
+            logits = model(input_ids=torch.tensor([prompt + candidate]),
+                           position_ids=torch.tensor([positions])).logits[0, len(prompt) - 1 : -1]
             total = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(candidate)[:, None]).sum()
             row.append(total / len(candidate) if length_normalize else total)
         scores.append(torch.stack(row))
@@ -75,6 +79,40 @@ def test_cached_scoring_equals_naive_and_unbatched(tiny, prompt_format, length_n
         torch.testing.assert_close(n, r, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(p, r, atol=1e-4, rtol=1e-5)
     assert all(torch.isfinite(s).all() and (s < 0).all() for s in cached)
+
+
+@pytest.fixture(scope="module")
+def position_sensitive(tiny_model_path):
+    """The tiny model's architecture initialised with std 0.4 instead of 0.02: sharp attention and peaked logits. The
+    tiny model itself attends almost uniformly: a candidate placed one position late moves its scores by 5e-4 at
+    most, about the tolerance of the equality tests, which then catch an off-by-one by luck if at all."""
+    config = AutoConfig.from_pretrained(tiny_model_path)
+    config.initializer_range = 0.4
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "plain"])
+def test_scoring_paths_agree_on_a_model_where_a_position_error_shows(tiny, position_sensitive, prompt_format):
+    """Cached, packed and naive scoring equal one-by-one scoring on left-padded prompts of different lengths, on a
+    model where every candidate placed one position late scores far outside the tolerance: a position bug in any
+    path fails. (RoPE sees relative positions only: what matters is where a candidate starts after its prompt.)"""
+    _, tokenizer = tiny
+    model = position_sensitive
+    config = PromptConfig(format=prompt_format)
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"]
+                  for p in prompts_of_different_lengths(tokenizer, config)]
+    candidate_ids = encode_candidates(CANDIDATES, config, tokenizer)
+    with torch.no_grad():
+        reference = torch.cat(one_by_one(model, prompt_ids, candidate_ids, False))
+        one_late = torch.cat(one_by_one(model, prompt_ids, candidate_ids, False, gap=1))
+        scores = {score.__name__: torch.cat(score(model, prompt_ids, candidate_ids, tokenizer.pad_token_id))
+                  for score in (candidate_logprobs, candidate_logprobs_naive, candidate_logprobs_packed)}
+    atol, rtol = 1e-4, 1e-5
+    assert ((one_late - reference).abs() > 100 * (atol + rtol * reference.abs())).all()
+    for name, path_scores in scores.items():
+        torch.testing.assert_close(path_scores, reference, atol=atol, rtol=rtol,
+                                   msg=lambda detail, name=name: f"{name}: {detail}")
 
 
 def test_cached_and_packed_scoring_gradients_equal_naive(tiny):

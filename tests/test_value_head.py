@@ -2,16 +2,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lib.models import load_model
-from lib.rollout import pack_sequences
-from lib.value_head import (
-    VALUE_HEAD_FILE,
-    PolicyWithValue,
-    ValueHead,
-    freeze_lower_layers,
-    load_value_head,
-    save_value_head,
-)
+from lib.models import freeze_lower_layers, load_model
+from lib.sequences import pack_sequences
+from lib.value_head import VALUE_HEAD_FILE, PolicyWithValue, ValueHead, load_value_head, save_value_head
 
 
 def tiny_llama(num_layers=3, tied=True):

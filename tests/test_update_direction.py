@@ -1,0 +1,149 @@
+"""One update of ppo_textworld.py's own code moves the policy the right way: on a scripted batch of two turns, the
+action that earned a positive reward becomes likelier and the one that earned a negative reward less likely, in
+both action modes, with and without whitening, through the script's advantages (advantages_and_returns) and its
+update (ppo_update with its loss_fn)."""
+
+import math
+from functools import partial
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import ppo_textworld
+from lib.models import load_model, load_tokenizer
+from lib.rollout import Transition
+from lib.scoring import encode_candidates, score_candidates
+from lib.prompts import PromptConfig
+from lib.sequences import score_sequences
+from lib.training import NonFiniteGuard
+from lib.value_head import PolicyWithValue, ValueHead
+
+PROMPTS = ["You are in a kitchen. A door leads north.", "You see a chest and a key on the floor of the cellar."]
+REWARDS = [1.0, -1.0]  # the first turn's action was good, the second's bad
+# Score mode: each state's candidates and the index of the one taken.
+CANDIDATES = [["go north", "open fridge", "take apple"], ["take key", "open chest", "go up"]]
+CHOSEN = [0, 1]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_path):
+    return load_tokenizer(tiny_model_path)
+
+
+def fresh_model(tiny_model_path, with_value_head=True):
+    torch.manual_seed(0)
+    policy = load_model(tiny_model_path)
+    head = ValueHead(policy.config.hidden_size) if with_value_head else None
+    return PolicyWithValue(policy, head), load_model(tiny_model_path).eval()
+
+
+def turn(slot, prompt_ids, response_ids, scored, row, reward, **score_mode):
+    """A terminated one-turn episode: its advantage is its reward (value head at 0, next value 0)."""
+    values = None if scored["values"] is None else scored["values"][row, : max(1, len(response_ids))]
+    return Transition(
+        slot=slot, game="g", episode=slot, turn=1, prompt="", response="", command="", prompt_ids=prompt_ids,
+        response_ids=response_ids, logprobs=scored["logprobs"][row, : len(response_ids)],
+        ref_logprobs=scored["ref_logprobs"][row, : len(response_ids)], values=values, reward=reward, score=0,
+        max_score=1, done=True, truncated=False, won=reward > 0, invalid=False, next_value=0.0, **score_mode,
+    )
+
+
+def generate_mode_turns(model, ref, tokenizer):
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    response_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in ("go north", "open chest")]
+    scored = score_sequences(model, ref, prompt_ids, response_ids, tokenizer.pad_token_id)
+    return [turn(i, prompt_ids[i], response_ids[i], scored, i, REWARDS[i]) for i in range(2)]
+
+
+def score_mode_turns(model, ref, tokenizer):
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    candidate_ids = encode_candidates(CANDIDATES, PromptConfig(), tokenizer)
+    with torch.no_grad():
+        scored = score_candidates(model, ref, prompt_ids, candidate_ids, tokenizer.pad_token_id, False, 1.0)
+    turns = []
+    for i in range(2):
+        chosen = {key: None if value is None else value[i : i + 1, CHOSEN[i] : CHOSEN[i] + 1][0]
+                  for key, value in scored.items() if key in ("logprobs", "ref_logprobs")}
+        values = None if scored["values"] is None else scored["values"][i : i + 1]
+        turns.append(Transition(
+            slot=i, game="g", episode=i, turn=1, prompt="", response="", command=CANDIDATES[i][CHOSEN[i]],
+            prompt_ids=prompt_ids[i], response_ids=candidate_ids[i][CHOSEN[i]], logprobs=chosen["logprobs"],
+            ref_logprobs=chosen["ref_logprobs"], values=values, reward=REWARDS[i], score=0, max_score=1, done=True,
+            truncated=False, won=REWARDS[i] > 0, invalid=False, next_value=0.0, candidates=CANDIDATES[i],
+            chosen_index=CHOSEN[i], candidate_ids=candidate_ids[i],
+        ))
+    return turns
+
+
+def chosen_logprobs(model, turns, tokenizer, score_mode):
+    """The log-probability of each turn's action under the model now."""
+    with torch.no_grad():
+        if score_mode:
+            scored = score_candidates(model, None, [t.prompt_ids for t in turns], [t.candidate_ids for t in turns],
+                                      tokenizer.pad_token_id, False, 1.0)
+            return [float(scored["logprobs"][i, t.chosen_index]) for i, t in enumerate(turns)]
+        scored = score_sequences(model, None, [t.prompt_ids for t in turns], [t.response_ids for t in turns],
+                                 tokenizer.pad_token_id)
+        return [float(scored["logprobs"][i, : len(t.response_ids)].sum()) for i, t in enumerate(turns)]
+
+
+def one_update(model, ref, tokenizer, turns, score_mode, ppo):
+    """The script's path from collected turns to one optimizer step."""
+    accelerator = Accelerator(gradient_accumulation_steps=ppo.gradient_accumulation_steps)
+    options = {"ppo": ppo, "temperature": 1.0, "pad_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+    if score_mode:
+        batch = ppo_textworld.collate_decisions(turns)
+        loss_fn = partial(ppo_textworld.turn_level_loss, ref_model=ref, length_normalize=False, **options)
+        estimate = ppo_textworld.turn_level_gae
+    else:
+        batch = ppo_textworld.collate_responses(turns, tokenizer.pad_token_id)
+        loss_fn = partial(ppo_textworld.token_level_loss, ref_model=ref, **options)
+        estimate = ppo_textworld.token_level_gae
+    if ppo.advantage_estimator == "grpo":
+        estimate = ppo_textworld.group_advantages
+    _, advantages, raw_advantages, returns = ppo_textworld.advantages_and_returns(turns, batch, estimate, ppo.kl_coef, ppo)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(parameters, lr=ppo.learning_rate)
+    model.train()
+    ppo_textworld.ppo_update(accelerator, model, optimizer, NonFiniteGuard(accelerator, 3), loss_fn, turns, batch,
+                             advantages, returns, ppo=ppo, parameters=parameters, where="test")
+    model.eval()
+    return raw_advantages
+
+
+@pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
+@pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
+def test_one_update_raises_the_rewarded_action_and_lowers_the_punished_one(tiny_model_path, tokenizer, score_mode, whiten):
+    model, ref = fresh_model(tiny_model_path)
+    turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    before = chosen_logprobs(model, turns, tokenizer, score_mode)
+    ppo = ppo_textworld.PPOArguments(
+        learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1, kl_coef=0.0, lam=1.0,
+        whiten_advantages=whiten, max_grad_norm=1e9,
+    )
+    raw_advantages = one_update(model, ref, tokenizer, turns, score_mode, ppo)
+    after = chosen_logprobs(model, turns, tokenizer, score_mode)
+    # The advantage of a terminated one-turn episode with a value of 0 is its reward, on every token (lam 1).
+    assert raw_advantages[:, 0].tolist() == pytest.approx(REWARDS)
+    assert after[0] > before[0] + 1e-4, f"the rewarded action became less likely: {before[0]} -> {after[0]}"
+    assert after[1] < before[1] - 1e-4, f"the punished action became likelier: {before[1]} -> {after[1]}"
+
+
+@pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
+def test_one_grpo_update_raises_the_better_episode_of_a_group(tiny_model_path, tokenizer, score_mode):
+    """Without a value head: the two turns are two episodes of one group (same episode number); the better one
+    gains probability, the worse one loses it."""
+    model, ref = fresh_model(tiny_model_path, with_value_head=False)
+    turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    for t in turns:
+        t.episode = 0  # one group
+    before = chosen_logprobs(model, turns, tokenizer, score_mode)
+    ppo = ppo_textworld.PPOArguments(
+        learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1, kl_coef=0.0,
+        max_grad_norm=1e9, advantage_estimator="grpo", group_size=2,
+    )
+    raw_advantages = one_update(model, ref, tokenizer, turns, score_mode, ppo)
+    assert raw_advantages[:, 0].tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], abs=1e-5)
+    after = chosen_logprobs(model, turns, tokenizer, score_mode)
+    assert after[0] > before[0] + 1e-4 and after[1] < before[1] - 1e-4
