@@ -55,6 +55,7 @@ ends as the uninterrupted run would); rollouts/iteration-NNNNN datasets (lib.rol
 """
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -211,6 +212,8 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
     if slots % ppo.group_size:
         raise ValueError(f"each process's {slots} slots (num_envs / processes) must be divisible by --group_size {ppo.group_size}")
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
+    if ppo.advantage_estimator == "gae" and ppo.group_size != 1:
+        raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator grpo; gae plays every slot alone (1)")
     if ppo.advantage_estimator == "grpo":
         if ppo.group_size < 2:
             raise ValueError(f"--advantage_estimator grpo compares the episodes of a group: --group_size must be at least 2, got {ppo.group_size}")
@@ -424,7 +427,8 @@ def build_value_head(policy, model_name_or_path: str, args: ValueHeadArguments) 
         sys.exit(f"error: {saved} is a {head.config()['head_type']} value head (hidden {head.config()['mlp_hidden_size']}); "
                  "pass its --value_head_type / --value_head_hidden_size to continue with it")
     head.detach_input = args.detach_value_head
-    print(f"continuing with the value head of {saved}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # launchers start one process per device; say it once
+        print(f"continuing with the value head of {saved}", file=sys.stderr)
     return head
 
 
@@ -432,6 +436,7 @@ def main(argv: list[str]) -> None:
     (run, ppo, value_head_args, rollout_args), arguments, resume_folder = parse_or_exit(
         ALL_ARGUMENTS, argv, check_arguments, "iteration", "num_iterations"
     )
+    started = time.time()
     # Models: policy + value head as one module (no value head for grpo); the reference is a frozen copy of the
     # starting policy.
     tokenizer, policy = load_policy_or_exit(run)
@@ -441,7 +446,7 @@ def main(argv: list[str]) -> None:
     value_head = build_value_head(policy, run.model_name_or_path, value_head_args) if with_critic else None
     model = PolicyWithValue(policy, None if value_head is None else value_head.to(policy.dtype))
 
-    training = TrainingRun(run, arguments, resume_folder, "iteration", ppo.gradient_accumulation_steps)
+    training = TrainingRun(run, arguments, resume_folder, "iteration", ppo.gradient_accumulation_steps, started)
     accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id
     if training.zero3 and not with_critic:
         sys.exit("error: --advantage_estimator grpo plays whole episodes, a different number of turns on each process, "
@@ -497,7 +502,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` "
                         f"(--action_mode {rollout_args.action_mode}, --advantage_estimator {ppo.advantage_estimator}) "
                         f"on games `{run.train_games}`." + (head if with_critic else ""),
-            evals=training.evals,
+            evals=training.evals, action_mode=rollout_args.action_mode,
         )
 
     bar = training.progress_bar(start_iteration, run.num_iterations, "ppo")
@@ -531,8 +536,6 @@ def main(argv: list[str]) -> None:
         update_time = time.time() - started
 
         # ---- 5. KL controller, metrics, rollout dataset
-        mean_kl = float(accelerator.reduce((kl * mask).sum(dim=1).mean().to(device), "mean"))
-        kl_controller.update(mean_kl, len(turns) * training.num_processes)
         episodes = rollout.episodes
         sums = training.reduce({
             "episodes": len(episodes), "return": sum(e["return"] for e in episodes),
@@ -540,14 +543,16 @@ def main(argv: list[str]) -> None:
             "length": sum(e["length"] for e in episodes), "invalid": sum(t.invalid for t in turns),
             "turns": len(turns), "generated_tokens": rollout.generated_tokens, "update_tokens": update_tokens,
         }, "sum")
+        mean_kl = float(accelerator.reduce((kl * mask).sum(dim=1).mean().to(device), "mean"))
+        kl_controller.update(mean_kl, int(sums["turns"]))
         local = {
             "objective/entropy": figures.mean("entropy"),
             "losses/policy_loss": figures.mean("policy_loss"),
-            "losses/value_loss": figures.mean("value_loss"),
+
             "losses/kl_loss": figures.mean("kl_loss"),
             "losses/approx_kl": figures.mean("approx_kl"),
             "losses/clipfrac": figures.mean("clipfrac"),
-            "losses/value_clipfrac": figures.mean("value_clipfrac"),
+
             "losses/grad_norm": figures.mean("grad_norm") if figures.counts.get("grad_norm") else 0.0,
             "objective/reward": float(batch["rewards"].mean()),
             "objective/advantage_mean": float(masked_mean(raw_advantages, mask)),
@@ -555,7 +560,11 @@ def main(argv: list[str]) -> None:
             "perf/update_s": update_time,
         }
         if with_critic:
-            local["losses/explained_variance"] = float(explained_variance(batch["values"], returns, mask).nan_to_num(0.0))
+            local.update({
+                "losses/value_loss": figures.mean("value_loss"),
+                "losses/value_clipfrac": figures.mean("value_clipfrac"),
+                "losses/explained_variance": float(explained_variance(batch["values"], returns, mask).nan_to_num(0.0)),
+            })
         metrics = training.reduce(local, "mean")
         training.state["env_steps"] += int(sums["turns"])
         training.state["episodes"] += int(sums["episodes"])

@@ -216,12 +216,13 @@ def main(argv: list[str]) -> None:
     (run, rules, finetune, rollout_args), arguments, resume_folder = parse_or_exit(
         ALL_ARGUMENTS, argv, check_arguments, "round", "num_rounds"
     )
+    started = time.time()
     # The reference is built only when a KL term needs it (it costs a model's memory).
     tokenizer, model = load_policy_or_exit(run)
     ref_model = frozen_copy(model) if finetune.kl_coef > 0 or rules.rank_kl_coef > 0 else None
     freeze_lower_layers(model, run.trainable_layers_fraction)
 
-    training = TrainingRun(run, arguments, resume_folder, "round", finetune.gradient_accumulation_steps)
+    training = TrainingRun(run, arguments, resume_folder, "round", finetune.gradient_accumulation_steps, started)
     accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id
     process_index, num_processes = training.process_index, training.num_processes
     process_batch_size = finetune.train_batch_size // num_processes  # pairs per optimizer step on this process
@@ -248,7 +249,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` (--action_mode "
                         f"{rollout_args.action_mode}) on games `{run.train_games}`: each round plays episodes with the "
                         "policy, keeps the best and fine-tunes on their commands.",
-            evals=training.evals,
+            evals=training.evals, action_mode=rollout_args.action_mode,
         )
 
     training.evaluate_baselines(greedy_agent, model, prompts, tokenizer)  # random-admissible and before training

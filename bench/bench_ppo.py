@@ -75,7 +75,7 @@ def update_step(model, optimizer, batch) -> None:
         old_logprobs = torch.log_softmax(logits.float(), -1).gather(-1, batch["response_ids"][..., None])[..., 0]
     loss, _ = ppo_loss(
         logits.float(), values.float(), batch["response_ids"], mask, old_logprobs, values.detach().float(),
-        torch.randn(mask.shape), torch.randn(mask.shape), 0.2, 0.2, 0.1, 0.0,
+        torch.randn(mask.shape), torch.randn(mask.shape), clip_range=0.2, clip_range_value=0.2, vf_coef=0.1, ent_coef=0.0,
     )
     loss.backward()
     optimizer.step()

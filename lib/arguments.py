@@ -140,13 +140,16 @@ def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     argv = renamed_flags(argv)
     kept = []
     for item in argv:
+        flag, equals, value = item.partition("=")
+        if equals and flag.removeprefix("--") in optional and value.lower() in ("none", "null"):  # --flag=none
+            set_to_none.add(flag.removeprefix("--"))
+            continue
         name = kept[-1].removeprefix("--") if kept and kept[-1].startswith("--") else None
         if name in optional and item.lower() in ("none", "null"):
             set_to_none.add(name)
             kept.pop()
         else:
-            if name in set_to_none:
-                set_to_none.discard(name)  # a later value overrides a YAML null
+            set_to_none.discard(flag.removeprefix("--") if equals else name)  # a later value overrides a YAML null
             kept.append(item)
     *parsed, unknown = parser.parse_args_into_dataclasses(args=kept, return_remaining_strings=True)
     if unknown:

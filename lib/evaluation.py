@@ -218,6 +218,6 @@ def evaluate(
                     bar.update()
                 else:
                     histories[slot].append(Turn(observations[slot], result.command))
-            states = [None if result is None else result.next_state for result in results]
+            states = env.states  # a slot the agent left without a command holds where it was
     bar.close()
     return EvalResult(summarize_episodes(episodes, agent.name, names), transcripts)

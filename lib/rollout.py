@@ -47,7 +47,8 @@ Rollout dataset: one row per turn, one `datasets` folder per iteration under `ou
 writes its rounds the same way, as `round-NNNNN`). Columns: iteration, process, slot, game, episode, turn (1 = first
 command of the episode), prompt, response, command, reward (reward_fn), score (after the turn), max_score, done
 (terminated), truncated, won, invalid, advantage (mean over the turn's response tokens, before whitening), return
-(the value target at the turn's first response token), value (values[0]; NaN without a value head), logprob (sum
+(the value target at the turn's first response token; with group-relative advantages, the episode's return),
+value (values[0]; NaN without a value head), logprob (sum
 over response tokens), kl (sum of the per-token KL estimates against the reference). Score mode adds candidates
 (the scored commands) and chosen_index; its advantage is the turn's, its logprob and kl those of the chosen command.
 """
@@ -213,12 +214,12 @@ class RolloutCollector:
             # A group's waiting slots get their new episode when its last slot ends: the env's states are the truth.
             self.states = list(self.env.states)
         if has_values:  # the states the next iteration starts from bootstrap this iteration's last turns
-            waiting = [slot for slot, state in enumerate(self.states) if state is not None]
-            next_prompts = [self.encode(self.prompt(self.states[slot], self.histories[slot])) for slot in waiting]
+            live = [slot for slot, state in enumerate(self.states) if state is not None]
+            next_prompts = [self.encode(self.prompt(self.states[slot], self.histories[slot])) for slot in live]
             rows = next_prompts + [ids for _, ids in pending]
             with self.autocast():
                 scored = score_sequences(model, None, rows, [[] for _ in rows], self.tokenizer.pad_token_id)
-            self._bootstrap(previous, pending, waiting, scored["values"][:, 0])
+            self._bootstrap(previous, pending, live, scored["values"][:, 0])
         return rollout
 
     def act(self, model, ref_model, slots: list[int], prompts: list[str], pending_ids: list[list[int]]):
@@ -438,4 +439,13 @@ def load_rollouts(folder: str | Path, prefix: str = "iteration"):
     parts = sorted(folder.glob(f"{prefix}-*"))
     if not parts:
         raise FileNotFoundError(f"no rollouts in {folder}: expected {prefix}-NNNNN folders written by a training script")
-    return concatenate_datasets([load_from_disk(str(part)) for part in parts])
+    return concatenate_datasets([_current_columns(load_from_disk(str(part)), prefix) for part in parts])
+
+
+def _current_columns(dataset, prefix: str):
+    """A part written before the columns were renamed (step -> turn, 0-based nowhere in these datasets; PPO's
+    process index rank -> process), under today's names, so that old and new iterations concatenate."""
+    renames = {"step": "turn"}
+    if prefix == "iteration":
+        renames["rank"] = "process"
+    return dataset.rename_columns({old: new for old, new in renames.items() if old in dataset.column_names})

@@ -5,8 +5,9 @@ checkpoints (written whole or not at all), the final model and the closing summa
 what it collects, how it turns that into a loss, and its own flags.
 
 A script's life: `parse_or_exit` (flags, checks, the checkpoint to resume), `load_policy_or_exit`, its own model
-pieces, `TrainingRun(...)` (accelerator, games, trainer state), its optimizer, `run.prepare` / `run.resume`, then its
-loop with `run.evaluate`, `run.log`, `run.save_checkpoint`, and `run.finish`; `main_or_exit(main)` runs it.
+pieces, `training = TrainingRun(...)` (accelerator, games, trainer state), its optimizer, `training.prepare` /
+`training.resume`, `training.evaluate_baselines`, then its loop with `training.evaluate_held_out`, `training.log`,
+`training.save_checkpoint`, and `training.finish`; `main_or_exit(main)` runs it.
 
 Layout of a script's output_dir: the final policy (save_pretrained, tokenizer, README.md model card, training_args.json)
 at its root; checkpoints/checkpoint-N holding the same plus training_state/ (accelerator.save_state: weights,
@@ -32,7 +33,7 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lib.agents import RandomAgent
-from lib.arguments import TRACKERS, check_push_to_hub, check_report_to, parse_arguments
+from lib.arguments import DEPRECATED_FLAGS, TRACKERS, check_push_to_hub, check_report_to, parse_arguments
 from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.models import (
@@ -155,6 +156,10 @@ def main_or_exit(main: Callable[[list[str]], None]) -> None:
         main(sys.argv[1:])
     except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
         sys.exit(f"error: {error}")
+
+
+# What a run did before these flags existed (PPO's value-head GAE, slots playing alone).
+FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1}
 
 
 def machine_description() -> str:
@@ -321,6 +326,10 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     if state[step_key] >= last_step:
         raise ValueError(f"{last_step_flag} {last_step}: {folder} already finished {step_key} {state[step_key]}; raise it to continue")
     saved = json.loads((folder / ARGS_FILE).read_text()) if (folder / ARGS_FILE).is_file() else {}
+    # Checkpoints written before a flag was renamed, or before it existed, ran with its old name or its default.
+    saved = {DEPRECATED_FLAGS.get(key, key): value for key, value in saved.items()}
+    if saved:
+        saved = {**FLAG_DEFAULTS_BEFORE_THEY_EXISTED, **saved}
     changed = [key for key in arguments if key in RESUME_MUST_MATCH and key in saved and saved[key] != arguments[key]]
     if changed:
         raise ValueError(
@@ -512,15 +521,17 @@ def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
     dataset.push_to_hub(repo_id)
 
 
-def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict) -> str:
+def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict, action_mode: str) -> str:
     """README.md of a saved model: what trained it, its held-out results, and how to play it (play.py reads the
-    prompt and scoring settings from training_args.json beside it)."""
+    prompt and scoring settings from training_args.json beside it; the action mode is spelled out for a copy
+    played from the Hub, where play.py reads no training_args.json)."""
+    play = f"python play.py --agent model --model_name_or_path {run.output_dir} --action_mode {action_mode}"
     return "\n".join([
         "---", "library_name: transformers", f"tags: [textworld, {', '.join(tags)}]", "---", "",
         f"# {title}", "", description, "",
         f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):", "",
         *evaluation_table(evals),
-        "", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", "",
+        "", "```bash", play, "```", "",
     ])
 
 
@@ -554,11 +565,11 @@ class TrainingRun:
     """
 
     def __init__(self, run: RunArguments, arguments: dict, resume_folder: Path | None, step_key: str,
-                 gradient_accumulation_steps: int):
+                 gradient_accumulation_steps: int, started: float):
         import datasets
 
         self.run, self.arguments, self.resume_folder, self.step_key = run, arguments, resume_folder, step_key
-        self.started = time.time()
+        self.started = started  # when the script started work (model loading included), for wall_time_s
         self.accelerator = build_accelerator(gradient_accumulation_steps, run.report_to, run.output_dir)
         self.process_index, self.num_processes = self.accelerator.process_index, self.accelerator.num_processes
         self.output_dir = Path(run.output_dir)
@@ -626,7 +637,10 @@ class TrainingRun:
         on the held-out games, the second logged at step 0."""
         if "random" in self.evals:
             return
-        self.evals["random"] = self.evaluate(RandomAgent(self.run.seed), model, prompt_config, tokenizer)
+        self.evals["random"] = run_evaluation(  # no weights to gather for it under ZeRO-3
+            self.accelerator, RandomAgent(self.run.seed), self.eval_games, self.run.eval_episodes, self.run.num_envs,
+            self.run.max_episode_turns, prompt_config, tokenizer, self.run.seed,
+        )
         self.log(self.evaluate_held_out(agent, model, prompt_config, tokenizer, "before"), step=0)
         self.accelerator.print(f"before training: {describe(self.evals['before'])} "
                                f"(random-admissible: {describe(self.evals['random'])})")

@@ -87,6 +87,10 @@ BAD_FLAGS = [
     (["--gamma_turn", "1.5"], "--gamma_turn"),
     (["--action_mode", "beam"], "--action_mode"),
     (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
+    (["--group_size", "2"], "--group_size"),  # groups are for grpo; gae plays every slot alone
+    (["--advantage_estimator", "grpo"], "--group_size"),  # a group of one has nothing to compare with
+    (["--advantage_estimator", "grpo", "--group_size", "2", "--num_envs", "4"], "--num_minibatches"),
+    (["--advantage_estimator", "vtrace"], "--advantage_estimator"),
 ]
 
 
@@ -306,6 +310,7 @@ def test_clip_range_value_takes_none_on_the_command_line_and_in_yaml(tmp_path):
 
     assert parsed([]) == 0.2 and parsed(["--clip_range_value", "0.3"]) == 0.3
     assert parsed(["--clip_range_value", "none"]) is None and parsed(["--clip_range_value", "None"]) is None
+    assert parsed(["--clip_range_value=none"]) is None
     config = tmp_path / "run.yaml"
     config.write_text("clip_range_value: null\nnum_envs: null\n")  # null keeps the default where None is no value
     assert parsed([str(config)]) is None and parse_arguments(ppo_textworld.ALL_ARGUMENTS, [str(config)])[0].num_envs == 8
@@ -340,3 +345,21 @@ def test_a_ppo_output_continues_with_its_value_head(tiny_model_path, tmp_path):
         ppo_textworld.build_value_head(policy, str(folder), ppo_textworld.ValueHeadArguments(value_head_type="mlp"))
     fresh = ppo_textworld.build_value_head(policy, tiny_model_path, args)
     assert not fresh.net.weight.any()
+
+
+def test_a_checkpoint_from_before_the_flag_renames_resumes_only_with_its_values(tmp_path):
+    """Its training_args.json says max_episode_steps and has no advantage_estimator: they count as
+    --max_episode_turns and gae when the resume guard compares flags."""
+    from lib.training import find_resume_checkpoint
+
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    (checkpoint / "training_state").mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": 2}))
+    (checkpoint / "config.json").write_text("{}")  # a complete checkpoint holds its model
+    (checkpoint / "training_args.json").write_text(json.dumps({"max_episode_steps": 12, "seed": 0}))
+    arguments = {"max_episode_turns": 12, "seed": 0, "advantage_estimator": "gae", "group_size": 1}
+    assert find_resume_checkpoint("latest", str(tmp_path), "iteration", 6, "--num_iterations", arguments, 1) == checkpoint
+    for changed, named in (({"max_episode_turns": 30}, "--max_episode_turns 12"),
+                           ({"advantage_estimator": "grpo"}, "--advantage_estimator gae")):
+        with pytest.raises(ValueError, match=named):
+            find_resume_checkpoint("latest", str(tmp_path), "iteration", 6, "--num_iterations", {**arguments, **changed}, 1)

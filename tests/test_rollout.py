@@ -263,3 +263,17 @@ def test_score_mode_turn_advantages_and_rows(scored_rollouts, tmp_path):
     assert dataset["candidates"] == [t.candidates for t in turns]
     assert dataset["chosen_index"] == [t.chosen_index for t in turns]
     assert dataset["logprob"] == pytest.approx([float(t.logprobs[0]) for t in turns], abs=1e-6)
+
+
+def test_rollouts_written_before_the_column_renames_load_with_todays_names(tmp_path):
+    """An output folder resumed across the rename holds iterations with `step` / `rank` (PPO's process index) and
+    iterations with `turn` / `process`: they load as one dataset under today's names; rejection sampling's `rank`
+    (the selection's) stays."""
+    from datasets import Dataset
+
+    Dataset.from_list([{"iteration": 1, "rank": 0, "step": 1}]).save_to_disk(str(tmp_path / "rollouts" / "iteration-00001"))
+    save_rollouts([{"iteration": 2, "process": 1, "turn": 2}], tmp_path, 2)
+    dataset = load_rollouts(tmp_path)
+    assert dataset.to_list() == [{"iteration": 1, "process": 0, "turn": 1}, {"iteration": 2, "process": 1, "turn": 2}]
+    Dataset.from_list([{"round": 1, "rank": 3, "step": 1}]).save_to_disk(str(tmp_path / "rollouts" / "round-00001"))
+    assert load_rollouts(tmp_path, prefix="round").to_list() == [{"round": 1, "rank": 3, "turn": 1}]
