@@ -497,7 +497,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` "
                         f"(--action_mode {rollout_args.action_mode}, --advantage_estimator {ppo.advantage_estimator}) "
                         f"on games `{run.train_games}`." + (head if with_critic else ""),
-            evals=training.evals,
+            evals=training.evals, held_out=training.held_out,
         )
 
     bar = training.progress_bar(start_iteration, run.num_iterations, "ppo")

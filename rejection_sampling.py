@@ -248,7 +248,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` (--action_mode "
                         f"{rollout_args.action_mode}) on games `{run.train_games}`: each round plays episodes with the "
                         "policy, keeps the best and fine-tunes on their commands.",
-            evals=training.evals,
+            evals=training.evals, held_out=training.held_out,
         )
 
     training.evaluate_baselines(greedy_agent, model, prompts, tokenizer)  # random-admissible and before training

@@ -228,6 +228,12 @@ def build_accelerator(gradient_accumulation_steps: int, report_to: str, output_d
     return accelerator
 
 
+def shared_games(train: list[str], held_out: list[str]) -> list[str]:
+    """The eval games that are training games too (the same file, however its path is written)."""
+    trained = {os.path.realpath(game) for game in train}
+    return [game for game in held_out if os.path.realpath(game) in trained]
+
+
 def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir: Path, evaluate_too: bool,
                       progress: bool) -> tuple[list[str], list[str]]:
     """Train and eval game files; the main process generates missing games first, the others then find them cached.
@@ -557,13 +563,16 @@ def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
     dataset.push_to_hub(repo_id)
 
 
-def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict) -> str:
-    """README.md of a saved model: what trained it, its held-out results, and how to play it (play.py reads the
-    prompt and scoring settings from training_args.json beside it)."""
+def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict,
+               held_out: bool) -> str:
+    """README.md of a saved model: what trained it, its evaluation (`held_out`: on games it never trained on), and
+    how to play it (play.py reads the prompt and scoring settings from training_args.json beside it)."""
+    evaluation = (f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):" if held_out else
+                  f"Evaluation on `{run.eval_games}` (greedy), not held out: some of its games are training games:")
     return "\n".join([
         "---", "library_name: transformers", f"tags: [textworld, {', '.join(tags)}]", "---", "",
         f"# {title}", "", description, "",
-        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):", "",
+        evaluation, "",
         *evaluation_table(evals),
         "", "```bash", f"python play.py --agent model --model_name_or_path {run.output_dir}", "```", "",
     ])
@@ -616,6 +625,13 @@ class TrainingRun:
             )
         except (GameError, ValueError) as error:
             sys.exit(f"error: {error}")
+        self.eval_games_trained_on = len(shared_games(self.train_games, self.eval_games))
+        if self.eval_games_trained_on:
+            self.accelerator.print(
+                f"warning: {self.eval_games_trained_on} of the {len(self.eval_games)} --eval_games are --train_games "
+                "too: the evaluation is not held out; pass game sources that share no game (a named set or "
+                "generator spec uses its eval split)"
+            )
         if run.overwrite_output_dir and self.accelerator.is_main_process:
             for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR, LOG_DIR):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
@@ -623,9 +639,15 @@ class TrainingRun:
         plugin = self.accelerator.state.deepspeed_plugin
         self.zero3 = plugin is not None and plugin.zero_stage == 3
         # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
-        self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
+        self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": [],
+                      "eval_held_out": self.held_out}
         self.wall_time_before = 0.0
         self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the eval games share no game with the training games."""
+        return self.eval_games_trained_on == 0
 
     @property
     def evals(self) -> dict:
@@ -647,6 +669,7 @@ class TrainingRun:
             for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
                 group["lr"] = learning_rate
             self.state = json.loads((self.resume_folder / TRAINER_STATE_FILE).read_text())
+            self.state["eval_held_out"] = self.held_out  # --eval_games may change on resume
             self.wall_time_before = self.state["wall_time_s"]
             self.accelerator.print(f"resumed from {self.resume_folder} at {self.step_key} {self.state[self.step_key]}")
         if self.run.report_to != "none":
@@ -718,8 +741,9 @@ class TrainingRun:
         save_final_model(self.accelerator, model, tokenizer, self.output_dir, card, self.arguments)
         if self.run.push_to_hub and self.accelerator.is_main_process:
             push_to_hub(self.run.push_to_hub, self.output_dir, rollouts())
+        evaluation = "held-out eval" if self.held_out else "eval (not held out: it shares games with training)"
         self.accelerator.print(
-            f"held-out eval on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
+            f"{evaluation} on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
             + "".join(f"  {EVAL_LABELS.get(name, name) + ':':<19}{describe(report)}\n" for name, report in self.evals.items())
             + f"model: {self.output_dir} (checkpoint: {checkpoint})"
         )
