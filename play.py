@@ -44,7 +44,7 @@ from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
-from lib.prompts import PROMPT_FORMATS, PromptConfig
+from lib.prompts import PROMPT_FORMATS, PromptConfig, check_prompt_budget
 from lib.run_folder import (
     check_games_dir,
     check_no_foreign_outputs,
@@ -295,21 +295,33 @@ def claim_output_dir(args: Args) -> None:
         check_no_foreign_outputs(Path(args.output_dir), PLAY_OUTPUTS)
 
 
-def make_agent(args: Args):
-    """(agent, tokenizer or None): loads the model for the model agent."""
+def load_play_tokenizer(args: Args, budget_file: Path | None):
+    """The model agent's tokenizer (None for the other agents), and the prompt budget checked with it before the
+    model loads; `budget_file`: the training_args.json that set --max_prompt_tokens (None: the flag or default)."""
+    if args.agent != "model":
+        return None
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    try:
+        check_prompt_budget(prompt_config(args), tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{budget_file}: {error}" if budget_file else str(error)) from None
+    return tokenizer
+
+
+def make_agent(args: Args, tokenizer):
+    """The agent; loads the model for the model agent (`tokenizer`: its tokenizer)."""
     if args.agent == "random":
-        return RandomAgent(args.seed), None
+        return RandomAgent(args.seed)
     if args.agent == "walkthrough":
-        return WalkthroughAgent(), None
+        return WalkthroughAgent()
     if args.agent == "human":
-        return HumanAgent(input_fn=input, print_fn=print), None
+        return HumanAgent(input_fn=input, print_fn=print)
     set_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
     if args.action_mode == "score":
-        return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args)), tokenizer
-    return ModelAgent(model, tokenizer, generation_config(args)), tokenizer
+        return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args))
+    return ModelAgent(model, tokenizer, generation_config(args))
 
 
 def save_outputs(output_dir: str, report: dict, args: Args, settings_source: dict[str, str], dataset) -> None:
@@ -346,8 +358,10 @@ def play_games(argv: list[str]) -> int:
         check_play_paths(args, given)
         if args.output_dir:
             claim_output_dir(args)
+        budget_file = settings_file if settings_source["max_prompt_tokens"] == ARGS_FILE else None
+        tokenizer = load_play_tokenizer(args, budget_file)
         games = resolve_games(args.games, args.split, args.games_dir)
-        agent, tokenizer = make_agent(args)
+        agent = make_agent(args, tokenizer)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -434,7 +434,7 @@ def main(argv: list[str]) -> None:
     )
     # Models: policy + value head as one module (no value head for grpo); the reference is a frozen copy of the
     # starting policy.
-    tokenizer, policy = load_policy_or_exit(run)
+    tokenizer, policy = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(policy)
     freeze_lower_layers(policy, run.trainable_layers_fraction)
     with_critic = ppo.advantage_estimator == "gae"

@@ -217,7 +217,7 @@ def main(argv: list[str]) -> None:
         ALL_ARGUMENTS, argv, check_arguments, "round", "num_rounds"
     )
     # The reference is built only when a KL term needs it (it costs a model's memory).
-    tokenizer, model = load_policy_or_exit(run)
+    tokenizer, model = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(model) if finetune.kl_coef > 0 or rules.rank_kl_coef > 0 else None
     freeze_lower_layers(model, run.trainable_layers_fraction)
 

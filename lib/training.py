@@ -39,13 +39,12 @@ from lib.models import (
     CHECKPOINTS_DIR,
     DEFAULT_MODEL,
     DTYPES,
-    ModelError,
     load_model,
     load_tokenizer,
     newest_checkpoint,
     save_model,
 )
-from lib.prompts import PromptConfig
+from lib.prompts import PromptConfig, check_prompt_budget
 from lib.rollout import ROLLOUTS_DIR
 from lib.run_folder import (
     LOCK_FILE,
@@ -174,14 +173,15 @@ def check_run_paths(run: RunArguments) -> None:
     check_games_dir(run.games_dir, sources)
 
 
-def load_policy_or_exit(run: RunArguments):
-    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run."""
+def load_policy_or_exit(run: RunArguments, prompts: PromptConfig):
+    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run.
+    The prompt budget is checked with the tokenizer, before the (much slower) model loads."""
     set_seed(run.seed)
     try:
-        return load_tokenizer(run.model_name_or_path, run.trust_remote_code), load_model(
-            run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code
-        )
-    except ModelError as error:
+        tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
+        check_prompt_budget(prompts, tokenizer)
+        return tokenizer, load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+    except ValueError as error:  # lib.models.ModelError, or a budget too small
         sys.exit(f"error: {error}")
 
 
