@@ -230,6 +230,20 @@ def test_the_current_folder_with_its_readme_is_refused(script, monkeypatch):
     assert (ROOT / "README.md").read_bytes() == readme and not (ROOT / LOCK_FILE).exists()
 
 
+def test_resuming_a_run_in_its_folder_stays_allowed(tiny_model_path, tiny_games, tmp_path, monkeypatch):
+    """A checkpoint inside output_dir is a run of ours there, even one written before the marker existed."""
+    output = tmp_path / "ppo"
+    write_user_files(output, USER_FILES)  # the final model of that run, unrecorded
+    checkpoint = output / "checkpoints" / "checkpoint-1"
+    (checkpoint / "training_state").mkdir(parents=True)
+    (checkpoint / "config.json").write_text("{}")
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": 1, "num_processes": 1}))
+    monkeypatch.setattr(lib.training, "load_model", reach_model_load)
+    with pytest.raises(ModelLoadReached):
+        ppo_textworld.main([*tiny_flags("ppo", tiny_model_path, tiny_games, output), "--num_iterations", "2",
+                            "--resume_from_checkpoint", "latest"])
+
+
 def test_only_the_files_a_run_recorded_are_its_own(tmp_path):
     write_user_files(tmp_path, USER_FILES)
     record_outputs(tmp_path, ["README.md"])
