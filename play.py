@@ -10,7 +10,9 @@
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
 --output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
 `datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
-`huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded.
+`huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded, and
+so does an --output_dir that another run is using or that holds a report.json or transcripts/ that no textworld-rl
+run wrote (--overwrite_output_dir replaces them).
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
@@ -42,7 +44,15 @@ from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
-from lib.prompts import PROMPT_FORMATS, PromptConfig
+from lib.prompts import PROMPT_FORMATS, PromptConfig, check_prompt_budget
+from lib.run_folder import (
+    check_games_dir,
+    check_no_foreign_outputs,
+    check_writable_folder,
+    lock_output_dir,
+    record_outputs,
+    release_output_dirs,
+)
 from lib.scoring import ACTION_MODES, ScoringConfig
 from lib.training import ARGS_FILE
 
@@ -50,6 +60,7 @@ AGENTS = ("random", "walkthrough", "human", "model")
 SPLITS = ("train", "eval")
 REPORT_FILE = "report.json"
 TRANSCRIPTS_DIR = "transcripts"
+PLAY_OUTPUTS = (REPORT_FILE, TRANSCRIPTS_DIR)  # what --output_dir gets; never a user's files of these names
 # How a trained model was prompted and chose its commands: played otherwise, it meets prompts it never saw. The
 # sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
 TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
@@ -76,6 +87,11 @@ class Args:
     output_dir: str | None = field(
         default=None,
         metadata={"help": f"folder for {REPORT_FILE} and the {TRANSCRIPTS_DIR}/ dataset; none: print only"},
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": f"replace {REPORT_FILE} and {TRANSCRIPTS_DIR}/ in --output_dir even when no textworld-rl "
+                          "run wrote them"},
     )
     push_to_hub: str | None = field(
         default=None, metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to"}
@@ -173,10 +189,6 @@ def check_args(args: Args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
-    for flag in ("games_dir", "output_dir"):
-        path = getattr(args, flag)
-        if path is not None and Path(path).exists() and not Path(path).is_dir():
-            raise ValueError(f"--{flag} {path} is a file; give a folder path")
     try:
         check_game_source(args.games)
     except GameError as error:
@@ -267,27 +279,56 @@ def describe_settings(path: Path, args: Args, sources: dict[str, str]) -> str:
     return f"{line} ({FROM_COMMAND_LINE}: {', '.join(flags)})" if flags else line
 
 
-def make_agent(args: Args):
-    """(agent, tokenizer or None): loads the model for the model agent."""
+def check_play_paths(args: Args, given: set[str]) -> None:
+    """The folders play.py writes, before anything is played: --output_dir (when given) and the games cache (the
+    flag when `given`, else $TEXTWORLD_RL_GAMES or ./games). Raises ValueError naming the path."""
+    if args.output_dir:
+        check_writable_folder(Path(args.output_dir), f"--output_dir {args.output_dir}", "pass another --output_dir")
+    check_games_dir(args.games_dir if "games_dir" in given else None, [(args.games, args.split)])
+
+
+def claim_output_dir(args: Args) -> None:
+    """--output_dir locked for this run (released by main), and refused when it holds a report or transcripts that
+    no textworld-rl run wrote (unless --overwrite_output_dir)."""
+    lock_output_dir(Path(args.output_dir))
+    if not args.overwrite_output_dir:
+        check_no_foreign_outputs(Path(args.output_dir), PLAY_OUTPUTS)
+
+
+def load_play_tokenizer(args: Args, budget_file: Path | None):
+    """The model agent's tokenizer (None for the other agents), and the prompt budget checked with it before the
+    model loads; `budget_file`: the training_args.json that set --max_prompt_tokens (None: the flag or default)."""
+    if args.agent != "model":
+        return None
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
+    try:
+        check_prompt_budget(prompt_config(args), tokenizer)
+    except ValueError as error:
+        raise ValueError(f"{budget_file}: {error}" if budget_file else str(error)) from None
+    return tokenizer
+
+
+def make_agent(args: Args, tokenizer):
+    """The agent; loads the model for the model agent (`tokenizer`: its tokenizer)."""
     if args.agent == "random":
-        return RandomAgent(args.seed), None
+        return RandomAgent(args.seed)
     if args.agent == "walkthrough":
-        return WalkthroughAgent(), None
+        return WalkthroughAgent()
     if args.agent == "human":
-        return HumanAgent(input_fn=input, print_fn=print), None
+        return HumanAgent(input_fn=input, print_fn=print)
     set_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
     if args.action_mode == "score":
-        return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args)), tokenizer
-    return ModelAgent(model, tokenizer, generation_config(args)), tokenizer
+        return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args))
+    return ModelAgent(model, tokenizer, generation_config(args))
 
 
 def save_outputs(output_dir: str, report: dict, args: Args, settings_source: dict[str, str], dataset) -> None:
     """report.json and transcripts/, each written beside the target first and then renamed into place."""
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
+    record_outputs(folder, list(PLAY_OUTPUTS))
     staging = folder / f".{REPORT_FILE}.{os.getpid()}"
     record = {**report, "args": asdict(args), "settings_source": settings_source}
     staging.write_text(json.dumps(record, indent=2) + "\n")
@@ -302,11 +343,25 @@ def save_outputs(output_dir: str, report: dict, args: Args, settings_source: dic
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        return play_games(argv)
+    finally:
+        release_output_dirs()  # the lock play_games took on --output_dir
+
+
+def play_games(argv: list[str]) -> int:
+    """Check the flags and paths, lock --output_dir, play, report; 2 for bad input."""
+    try:
         args = parse_args(argv)
+        given = fields_given(argv)
         check_args(args)
-        args, settings_file, settings_source = with_training_settings(args, fields_given(argv))
+        args, settings_file, settings_source = with_training_settings(args, given)
+        check_play_paths(args, given)
+        if args.output_dir:
+            claim_output_dir(args)
+        budget_file = settings_file if settings_source["max_prompt_tokens"] == ARGS_FILE else None
+        tokenizer = load_play_tokenizer(args, budget_file)
         games = resolve_games(args.games, args.split, args.games_dir)
-        agent, tokenizer = make_agent(args)
+        agent = make_agent(args, tokenizer)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -439,7 +439,7 @@ def main(argv: list[str]) -> None:
     started = time.time()
     # Models: policy + value head as one module (no value head for grpo); the reference is a frozen copy of the
     # starting policy.
-    tokenizer, policy = load_policy_or_exit(run)
+    tokenizer, policy = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(policy)
     freeze_lower_layers(policy, run.trainable_layers_fraction)
     with_critic = ppo.advantage_estimator == "gae"
@@ -502,7 +502,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `ppo_textworld.py` "
                         f"(--action_mode {rollout_args.action_mode}, --advantage_estimator {ppo.advantage_estimator}) "
                         f"on games `{run.train_games}`." + (head if with_critic else ""),
-            evals=training.evals, action_mode=rollout_args.action_mode,
+            evals=training.evals, action_mode=rollout_args.action_mode, held_out=training.held_out,
         )
 
     bar = training.progress_bar(start_iteration, run.num_iterations, "ppo")

@@ -218,7 +218,7 @@ def main(argv: list[str]) -> None:
     )
     started = time.time()
     # The reference is built only when a KL term needs it (it costs a model's memory).
-    tokenizer, model = load_policy_or_exit(run)
+    tokenizer, model = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(model) if finetune.kl_coef > 0 or rules.rank_kl_coef > 0 else None
     freeze_lower_layers(model, run.trainable_layers_fraction)
 
@@ -249,7 +249,7 @@ def main(argv: list[str]) -> None:
             description=f"Fine-tuned from `{run.model_name_or_path}` with `rejection_sampling.py` (--action_mode "
                         f"{rollout_args.action_mode}) on games `{run.train_games}`: each round plays episodes with the "
                         "policy, keeps the best and fine-tunes on their commands.",
-            evals=training.evals, action_mode=rollout_args.action_mode,
+            evals=training.evals, action_mode=rollout_args.action_mode, held_out=training.held_out,
         )
 
     training.evaluate_baselines(greedy_agent, model, prompts, tokenizer)  # random-admissible and before training

@@ -307,6 +307,19 @@ def resolve_games(source: str, split: str, cache_dir: Path | None = None, progre
     return [str(p) for p in files]
 
 
+def would_generate(source: str, split: str, cache_dir: Path) -> bool:
+    """Whether resolve_games(source, split, cache_dir) would generate a game: some seed of a named set or generator
+    spec has neither its game nor its unplayable marker in the cache."""
+    for item in _items(source):
+        kind = _kind_of(item)
+        specs = GAME_SETS[item] if kind == "set" else [parse_spec(item)] if kind == "spec" else []
+        for spec in specs:
+            for seed in spec.seeds(split):
+                if not game_path(spec, seed, cache_dir).exists() and not unplayable_marker(spec, seed, cache_dir).exists():
+                    return True
+    return False
+
+
 def check_game_source(source: str) -> None:
     """Validate a game source without generating anything, so bad flags fail before any model is loaded."""
     for item in _items(source):

@@ -180,11 +180,32 @@ def build_prompt(
         prompt = render(objective, message, history, examples, config, tokenizer)
         excess = length(prompt) - config.max_prompt_tokens
     if excess > 0:
+        # Memory, examples, hint and observation are all cut by now: only a larger budget helps.
         raise ValueError(
-            f"the prompt needs {excess} more tokens than max_prompt_tokens={config.max_prompt_tokens} even without "
-            "memory and observation; raise --max_prompt_tokens or turn off --hint"
+            f"the prompt needs {length(prompt)} tokens for the instruction, the game's goal and the inventory alone, "
+            f"over --max_prompt_tokens {config.max_prompt_tokens}: raise --max_prompt_tokens to at least "
+            f"{length(prompt)}"
         )
     return prompt
+
+
+def instruction_tokens(config: PromptConfig, tokenizer) -> int:
+    """Tokens of what every prompt of this format holds whatever is cut: the instruction and the question (no
+    game's goal, memory, examples, hint or observation)."""
+    prompt = render("", current_message("", "", [], config), [], [], config, tokenizer)
+    return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+def check_prompt_budget(config: PromptConfig, tokenizer) -> None:
+    """Raise ValueError when max_prompt_tokens cannot hold even the instruction: with the tokenizer only, before a
+    model loads, rather than at the first prompt."""
+    needed = instruction_tokens(config, tokenizer)
+    if needed > config.max_prompt_tokens:
+        raise ValueError(
+            f"--max_prompt_tokens {config.max_prompt_tokens} cannot hold the instruction every prompt starts with "
+            f"({needed} tokens in the {config.format} format, before the game's goal and observation): raise "
+            f"--max_prompt_tokens well above {needed} (default {PromptConfig.max_prompt_tokens})"
+        )
 
 
 def answer_text(command: str, config: PromptConfig, tokenizer) -> str:

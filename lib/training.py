@@ -12,7 +12,7 @@ pieces, `training = TrainingRun(...)` (accelerator, games, trainer state), its o
 Layout of a script's output_dir: the final policy (save_pretrained, tokenizer, README.md model card, training_args.json)
 at its root; checkpoints/checkpoint-N holding the same plus training_state/ (accelerator.save_state: weights,
 optimizer, RNG states) and trainer_state.json (the step reached, counters, evaluations); rollouts/ (datasets, see
-lib/rollout.py); runs/ (tracker logs).
+lib/rollout.py); runs/ (tracker logs); the run's lock and the marker of what textworld-rl wrote (lib/run_folder.py).
 """
 
 import contextlib
@@ -35,25 +35,43 @@ from tqdm.auto import tqdm
 from lib.agents import RandomAgent
 from lib.arguments import DEPRECATED_FLAGS, TRACKERS, check_push_to_hub, check_report_to, parse_arguments
 from lib.evaluation import evaluate, merge_reports
-from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
+from lib.games import GameError, check_game_source, resolve_games
 from lib.models import (
     CHECKPOINTS_DIR,
     DEFAULT_MODEL,
     DTYPES,
-    ModelError,
     load_model,
     load_tokenizer,
     newest_checkpoint,
     save_model,
 )
-from lib.prompts import PromptConfig
+from lib.prompts import PromptConfig, check_prompt_budget
 from lib.rollout import ROLLOUTS_DIR
+from lib.run_folder import (
+    LOCK_FILE,
+    MARKER_FILE,
+    check_games_dir,
+    check_no_foreign_outputs,
+    check_writable_folder,
+    games_cache_dir,
+    is_launch_main_process,
+    lock_output_dir,
+    record_outputs,
+    release_output_dirs,
+)
 from lib.value_head import PolicyWithValue, save_value_head
 
 TRAINING_STATE_DIR = "training_state"
 TRAINER_STATE_FILE = "trainer_state.json"
 ARGS_FILE = "training_args.json"
 LOG_DIR = "runs"
+# What a trainer writes at output_dir's top (name patterns): the final policy (save_pretrained: config, weights,
+# tokenizer), its value head, arguments and model card. Such files that no textworld-rl run wrote are a user's.
+TRAINING_OUTPUTS = (
+    "README.md", ARGS_FILE, "config.json", "generation_config.json", "model*.safetensors",
+    "model.safetensors.index.json", "value_head.safetensors", "tokenizer*", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.jinja", "vocab.json", "merges.txt",
+)
 # Flags a resumed run must keep: they fix the model and its trainable parameters (the checkpoint's weights and
 # optimizer state must fit them) and the games' state (which games, how many slots, where each stands). Others may
 # change on resume (a resumed run equals the uninterrupted one only when none does).
@@ -70,7 +88,7 @@ class RunArguments:
 
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
     output_dir: str = field(default="outputs/run", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, rollouts and logs of an earlier run in output_dir first."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, rollouts and logs of an earlier run in output_dir first, and replace files there that no textworld-rl run wrote (README.md, config.json, ...)."})
     train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
     eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
@@ -111,8 +129,9 @@ def check_run_arguments(run: RunArguments, world_size: int) -> None:
 
 
 def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_key: str, last_step_flag: str):
-    """Every flag parsed and checked, the output folder and the checkpoint to resume from found, before anything
-    heavy is built; a bad one exits with one `error:` line. Launchers export WORLD_SIZE before starting the script.
+    """Every flag parsed and checked, every folder the run writes checked, the output folder locked for this run
+    (by the launch's main process) and the checkpoint to resume from found, before anything heavy is built; a bad one
+    exits with one `error:` line. Launchers export WORLD_SIZE and RANK before starting the script.
 
     `argument_types`: the script's dataclasses, its RunArguments subclass first; `check(*groups, world_size)` raises
     ValueError; `step_key` is what the script counts (iteration, round) and `last_step_flag` the flag that ends it.
@@ -120,27 +139,50 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         groups = parse_arguments(argument_types, argv)
-        run = groups[0]
         check(*groups, world_size)
-        check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
-        arguments = {key: value for group in groups for key, value in asdict(group).items()}
+        check_run_paths(groups[0])
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    run = groups[0]
+    arguments = {key: value for group in groups for key, value in asdict(group).items()}
+    try:
+        if is_launch_main_process():
+            lock_output_dir(Path(run.output_dir))  # before what follows reads the folder: another run may be writing it
         resume_folder = find_resume_checkpoint(
             run.resume_from_checkpoint, run.output_dir, step_key, getattr(run, last_step_flag), f"--{last_step_flag}",
             arguments, world_size,
         )
+        check_output_dir(run.output_dir, resume_folder, run.overwrite_output_dir)
     except ValueError as error:
+        release_output_dirs()
         sys.exit(f"error: {error}")
     return groups, arguments, resume_folder
 
 
-def load_policy_or_exit(run: RunArguments):
-    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run."""
+def check_run_paths(run: RunArguments) -> None:
+    """Every folder the run writes, checked before anything is created or loaded: output_dir, its checkpoints,
+    rollouts and tracker log folders, and the games cache. Raises ValueError naming the path."""
+    output = Path(run.output_dir)
+    check_writable_folder(output, f"--output_dir {output}", "pass another --output_dir")
+    written = [(CHECKPOINTS_DIR, "checkpoints"), (ROLLOUTS_DIR, "rollouts")]
+    if run.report_to != "none":
+        written.append((LOG_DIR, "tracker logs"))
+    for name, what in written:
+        check_writable_folder(output / name, f"{output / name} (the {what} of --output_dir)",
+                              "pass another --output_dir")
+    sources = [(run.train_games, "train")] + ([(run.eval_games, "eval")] if run.eval_episodes else [])
+    check_games_dir(run.games_dir, sources)
+
+
+def load_policy_or_exit(run: RunArguments, prompts: PromptConfig):
+    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run.
+    The prompt budget is checked with the tokenizer, before the (much slower) model loads."""
     set_seed(run.seed)
     try:
-        return load_tokenizer(run.model_name_or_path, run.trust_remote_code), load_model(
-            run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code
-        )
-    except ModelError as error:
+        tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
+        check_prompt_budget(prompts, tokenizer)
+        return tokenizer, load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+    except ValueError as error:  # lib.models.ModelError, or a budget too small
         sys.exit(f"error: {error}")
 
 
@@ -189,6 +231,12 @@ def build_accelerator(gradient_accumulation_steps: int, report_to: str, output_d
     # The launcher may export its own accumulation setting; the flag is the single source of truth.
     accelerator.gradient_accumulation_steps = gradient_accumulation_steps
     return accelerator
+
+
+def shared_games(train: list[str], held_out: list[str]) -> list[str]:
+    """The eval games that are training games too (the same file, however its path is written)."""
+    trained = {os.path.realpath(game) for game in train}
+    return [game for game in held_out if os.path.realpath(game) in trained]
 
 
 def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir: Path, evaluate_too: bool,
@@ -353,18 +401,19 @@ def load_process_state(folder: Path, rank: int) -> dict:
     return json.loads(process_state_file(folder, rank).read_text())
 
 
-def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, overwrite_output_dir: bool) -> None:
-    """A fresh run must not mix its rollouts and checkpoints with an earlier run's."""
+def check_output_dir(output_dir: str, resume_folder: Path | None, overwrite_output_dir: bool) -> None:
+    """A fresh run must not mix its rollouts and checkpoints with an earlier run's, nor overwrite files that no
+    textworld-rl run wrote; resuming from a checkpoint inside output_dir continues a run of ours there."""
     output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"--output_dir {output} is a file, not a folder: pass another --output_dir or move the file")
     earlier = [output / CHECKPOINTS_DIR, output / ROLLOUTS_DIR]
-    if resume_from_checkpoint is None and any(path.exists() for path in earlier):
-        if not overwrite_output_dir:
-            raise ValueError(
-                f"--output_dir {output} holds an earlier run: pass --resume_from_checkpoint latest to continue it, "
-                "--overwrite_output_dir to replace it, or another --output_dir"
-            )
+    if resume_folder is None and any(path.exists() for path in earlier) and not overwrite_output_dir:
+        raise ValueError(
+            f"--output_dir {output} holds an earlier run: pass --resume_from_checkpoint latest to continue it, "
+            "--overwrite_output_dir to replace it, or another --output_dir"
+        )
+    resuming_here = resume_folder is not None and output.resolve() in resume_folder.resolve().parents
+    if not (overwrite_output_dir or resuming_here):
+        check_no_foreign_outputs(output, TRAINING_OUTPUTS)
 
 
 def prepare_reference(ref_model, accelerator):
@@ -501,6 +550,7 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str,
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         export_model(accelerator, model, tokenizer, temporary, state_dict, card, arguments)
+        record_outputs(output_dir, [path.name for path in temporary.iterdir()])
         for path in temporary.iterdir():
             os.replace(path, output_dir / path.name)
         temporary.rmdir()
@@ -516,20 +566,24 @@ def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
     api.create_repo(repo_id, exist_ok=True)
     api.upload_folder(
         repo_id=repo_id, folder_path=str(output_dir),
-        ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*"],
+        ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*", LOCK_FILE,
+                         MARKER_FILE],
     )
     dataset.push_to_hub(repo_id)
 
 
-def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict, action_mode: str) -> str:
-    """README.md of a saved model: what trained it, its held-out results, and how to play it (play.py reads the
-    prompt and scoring settings from training_args.json beside it; the action mode is spelled out for a copy
-    played from the Hub, where play.py reads no training_args.json)."""
+def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict, action_mode: str,
+               held_out: bool) -> str:
+    """README.md of a saved model: what trained it, its evaluation (`held_out`: on games it never trained on), and
+    how to play it (play.py reads the prompt and scoring settings from training_args.json beside it; the action mode
+    is spelled out for a copy played from the Hub, where play.py reads no training_args.json)."""
     play = f"python play.py --agent model --model_name_or_path {run.output_dir} --action_mode {action_mode}"
+    evaluation = (f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):" if held_out else
+                  f"Evaluation on `{run.eval_games}` (greedy), not held out: some of its games are training games:")
     return "\n".join([
         "---", "library_name: transformers", f"tags: [textworld, {', '.join(tags)}]", "---", "",
         f"# {title}", "", description, "",
-        f"Held-out evaluation on `{run.eval_games}` (eval split, greedy):", "",
+        evaluation, "",
         *evaluation_table(evals),
         "", "```bash", play, "```", "",
     ])
@@ -575,13 +629,20 @@ class TrainingRun:
         self.output_dir = Path(run.output_dir)
         set_seed(run.seed, device_specific=True)
         datasets.disable_progress_bars()  # one bar per iteration is enough
-        games_dir = Path(run.games_dir) if run.games_dir else default_cache_dir()
         try:
+            games_dir, _ = games_cache_dir(run.games_dir)
             self.train_games, self.eval_games = resolve_game_sets(
                 self.accelerator, run.train_games, run.eval_games, games_dir, run.eval_episodes > 0, run.progress
             )
         except (GameError, ValueError) as error:
             sys.exit(f"error: {error}")
+        self.eval_games_trained_on = len(shared_games(self.train_games, self.eval_games))
+        if self.eval_games_trained_on:
+            self.accelerator.print(
+                f"warning: {self.eval_games_trained_on} of the {len(self.eval_games)} --eval_games are --train_games "
+                "too: the evaluation is not held out; pass game sources that share no game (a named set or "
+                "generator spec uses its eval split)"
+            )
         if run.overwrite_output_dir and self.accelerator.is_main_process:
             for name in (CHECKPOINTS_DIR, ROLLOUTS_DIR, LOG_DIR):
                 shutil.rmtree(self.output_dir / name, ignore_errors=True)
@@ -589,9 +650,15 @@ class TrainingRun:
         plugin = self.accelerator.state.deepspeed_plugin
         self.zero3 = plugin is not None and plugin.zero_stage == 3
         # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
-        self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
+        self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": [],
+                      "eval_held_out": self.held_out}
         self.wall_time_before = 0.0
         self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the eval games share no game with the training games."""
+        return self.eval_games_trained_on == 0
 
     @property
     def evals(self) -> dict:
@@ -613,6 +680,7 @@ class TrainingRun:
             for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
                 group["lr"] = learning_rate
             self.state = json.loads((self.resume_folder / TRAINER_STATE_FILE).read_text())
+            self.state["eval_held_out"] = self.held_out  # --eval_games may change on resume
             self.wall_time_before = self.state["wall_time_s"]
             self.accelerator.print(f"resumed from {self.resume_folder} at {self.step_key} {self.state[self.step_key]}")
         if self.run.report_to != "none":
@@ -687,9 +755,11 @@ class TrainingRun:
         save_final_model(self.accelerator, model, tokenizer, self.output_dir, card, self.arguments)
         if self.run.push_to_hub and self.accelerator.is_main_process:
             push_to_hub(self.run.push_to_hub, self.output_dir, rollouts())
+        evaluation = "held-out eval" if self.held_out else "eval (not held out: it shares games with training)"
         self.accelerator.print(
-            f"held-out eval on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
+            f"{evaluation} on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
             + "".join(f"  {EVAL_LABELS.get(name, name) + ':':<19}{describe(report)}\n" for name, report in self.evals.items())
             + f"model: {self.output_dir} (checkpoint: {checkpoint})"
         )
         self.accelerator.end_training()
+        release_output_dirs()
