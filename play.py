@@ -37,7 +37,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
-from lib.arguments import parse_arguments, renamed_flags, yaml_flags
+from lib.arguments import check_finite_numbers, check_no_negative_counts, parse_arguments, renamed_flags, yaml_flags
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
@@ -165,6 +165,7 @@ def scoring_config(args: Args) -> ScoringConfig:
 
 def check_args(args: Args) -> None:
     """Every flag checked without loading a model or generating a game; raises ValueError naming the flag."""
+    check_finite_numbers((args,))
     if args.agent not in AGENTS:
         raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
     if args.split not in SPLITS:
@@ -201,6 +202,7 @@ def check_args(args: Args) -> None:
             resolve_model(args.model_name_or_path)
         except ModelError as error:
             raise ValueError(f"--model_name_or_path: {error}") from None
+    check_no_negative_counts((args,))
 
 
 def check_play_settings(args: Args) -> None:

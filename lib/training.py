@@ -32,7 +32,14 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lib.agents import RandomAgent
-from lib.arguments import TRACKERS, check_push_to_hub, check_report_to, parse_arguments
+from lib.arguments import (
+    TRACKERS,
+    check_finite_numbers,
+    check_no_negative_counts,
+    check_push_to_hub,
+    check_report_to,
+    parse_arguments,
+)
 from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.models import (
@@ -120,7 +127,9 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
     try:
         groups = parse_arguments(argument_types, argv)
         run = groups[0]
+        check_finite_numbers(groups)
         check(*groups, world_size)
+        check_no_negative_counts(groups)
         check_output_dir(run.output_dir, run.resume_from_checkpoint, run.overwrite_output_dir)
         arguments = {key: value for group in groups for key, value in asdict(group).items()}
         resume_folder = find_resume_checkpoint(
