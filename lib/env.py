@@ -100,13 +100,17 @@ def _pack(game_state, done: bool) -> dict:
 
 
 def _worker(conn) -> None:
-    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None)."""
+    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None) or until
+    the parent is gone."""
     import textworld
 
     env, loaded = None, None
     infos = _env_infos()
     while True:
-        request, argument = conn.recv()
+        try:
+            request, argument = conn.recv()
+        except EOFError:  # the parent exited without closing us (a run stopped by an error): no traceback of ours
+            break
         if request == "close":
             break
         if request == "reset":

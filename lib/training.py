@@ -166,6 +166,14 @@ def main_or_exit(main: Callable[[list[str]], None]) -> None:
         sys.exit(f"error: {error}")
 
 
+def saved_so_far(output_dir: Path) -> str:
+    """What a stopped run keeps in output_dir and how to go on from it."""
+    newest = newest_checkpoint(output_dir)
+    if newest is None:
+        return "no checkpoint was saved: start again with --overwrite_output_dir"
+    return f"nothing was saved after {newest.name}: resume from it with --resume_from_checkpoint latest"
+
+
 def machine_description() -> str:
     """`CPU model, N cores, GPU name xK` (or `no GPU`): the machine column of results and benchmark tables."""
     import platform
@@ -243,9 +251,10 @@ class NonFiniteGuard:
     Per batch: `finite_batch(tensors, where)` before the update (a False answer: skip the whole update).
     """
 
-    def __init__(self, accelerator, limit: int):
+    def __init__(self, accelerator, limit: int, output_dir: Path | None = None):
         self.accelerator = accelerator
         self.limit = limit
+        self.output_dir = output_dir  # where the run's checkpoints go, named when a weight turns non-finite
         self.streak = 0  # skipped updates in a row
         self.skipped = 0  # in all
         self._poisoned = False  # a micro-batch of the current optimizer step had a non-finite loss
@@ -265,17 +274,31 @@ class NonFiniteGuard:
         self._poisoned |= not finite
         return finite
 
-    def step(self, optimizer, grad_norm, where: str) -> bool:
-        """Step the optimizer unless a loss of this step or the gradient norm was NaN or inf; True when it stepped."""
+    def step(self, optimizer, grad_norm, where: str, parameters: list[torch.Tensor]) -> bool:
+        """Step the optimizer unless a loss of this step or the gradient norm was NaN or inf; True when it stepped.
+        A step that leaves a NaN or inf in the trainable `parameters` stops the run (NonFiniteError) before anything
+        saves them."""
         finite = not self._poisoned and (grad_norm is None or math.isfinite(float(grad_norm)))
         self._poisoned = False
         if finite:
             self.streak = 0
             optimizer.step()
+            self._check_weights(optimizer, parameters, where)
         else:
             self._skip(f"NaN or inf in the loss or gradient at {where}: optimizer step skipped")
         optimizer.zero_grad()
         return finite
+
+    def _check_weights(self, optimizer, parameters: list[torch.Tensor], where: str) -> None:
+        # Finite gradients can still step into inf (an overflowing learning rate, a bad optimizer state); every
+        # later loss would then be NaN and the run would skip its way to a stop, or checkpoint the broken weights.
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()) if parameters else True
+        if not self._everywhere(finite):
+            saved = f"; {saved_so_far(self.output_dir)}" if self.output_dir is not None else ""
+            raise NonFiniteError(
+                f"a non-finite weight after the optimizer step at {where}: stopped without saving it. Lower "
+                f"--learning_rate (now {optimizer.param_groups[0]['lr']:g}) or --max_grad_norm{saved}"
+            )
 
     def _skip(self, message: str) -> None:
         self.streak += 1
@@ -300,7 +323,7 @@ def backward_and_step(accelerator, guard: NonFiniteGuard, loss: torch.Tensor, op
     stepped, grad_norm = False, None
     if accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-        stepped = guard.step(optimizer, grad_norm, where)
+        stepped = guard.step(optimizer, grad_norm, where, parameters)
     return finite, stepped, None if grad_norm is None else float(grad_norm)
 
 
@@ -589,7 +612,7 @@ class TrainingRun:
         # eval_history: one summary per held-out evaluation (learning curves); wall_time_s: summed over resumed runs.
         self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
         self.wall_time_before = 0.0
-        self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates)
+        self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates, self.output_dir)
 
     @property
     def evals(self) -> dict:

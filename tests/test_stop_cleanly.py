@@ -1,14 +1,38 @@
-"""Never lose a user's work: numbers that cannot train are refused before any model loads."""
+"""Never lose a user's work: numbers that cannot train are refused before any model loads; a step that makes a
+weight non-finite stops the run before those weights are saved."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import lib.training
 import play
 import ppo_textworld
 import rejection_sampling
 from lib.arguments import parse_arguments
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+PPO_ITERATIONS = 5
+
+
+def flags(**values) -> list[str]:
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def ppo_args(model, games, output) -> list[str]:
+    """A tiny PPO run: 6 optimizer steps per iteration (2 epochs of 3 minibatches), a checkpoint every iteration."""
+    return flags(
+        model_name_or_path=model, train_games=",".join(games), eval_games=",".join(games), output_dir=output,
+        num_iterations=PPO_ITERATIONS, num_envs=2, turns_per_slot=3, num_minibatches=3, gradient_accumulation_steps=1,
+        max_episode_turns=4, eval_episodes=2, eval_every=2, save_every=1, save_total_limit=0, max_candidates=3,
+        temperature=4, trainable_layers_fraction=0.5, learning_rate=1e-3, progress=False, report_to="none",
+    )
 
 
 # ---------------------------------------------------------------- numbers that cannot train
@@ -84,3 +108,56 @@ def test_play_reads_a_yaml_number_without_a_dot(tmp_path):
     config.write_text("temperature: 1e-5\ntop_p: -1e-5\n")
     args = play.parse_args([str(config)])
     assert args.temperature == 1e-05 and args.top_p == -1e-05
+
+
+# ---------------------------------------------------------------- a non-finite weight after an optimizer step
+
+
+# A PPO run whose optimizer writes a NaN into a trainable weight at one optimizer step (argv[1]).
+POISONED_STEP = """
+import sys
+import torch
+import ppo_textworld
+from lib.training import main_or_exit
+
+bad_step, build_optimizer = int(sys.argv[1]), ppo_textworld.build_optimizer
+
+
+def build_poisoned_optimizer(*args, **kwargs):
+    optimizer = build_optimizer(*args, **kwargs)
+    step, steps = optimizer.step, [0]
+
+    def step_then_poison(*step_args, **step_kwargs):
+        result = step(*step_args, **step_kwargs)
+        steps[0] += 1
+        if steps[0] == bad_step:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+        return result
+
+    optimizer.step = step_then_poison
+    return optimizer
+
+
+ppo_textworld.build_optimizer = build_poisoned_optimizer
+main_or_exit(lambda argv: ppo_textworld.main(argv[1:]))
+"""
+
+
+def test_a_non_finite_weight_stops_the_run_before_it_is_saved(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    # Step 12: the last of iteration 2, whose checkpoint would otherwise follow at once.
+    command = [sys.executable, "-c", POISONED_STEP, "12", *ppo_args(tiny_model_path, tiny_games, output)]
+    result = subprocess.run(command, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: a non-finite weight after the optimizer step at iteration 2"), message
+    assert "Lower --learning_rate (now 0.001)" in message
+    assert message.endswith("nothing was saved after checkpoint-1: resume from it with --resume_from_checkpoint latest")
+    assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["checkpoint-1"]
+    assert not (output / "model.safetensors").exists()
+    saved = [path for path in (output / "checkpoints").rglob("*.safetensors")]
+    assert len(saved) >= 3  # the policy, the value head, the training state
+    for path in saved:
+        assert all(torch.isfinite(tensor).all() for tensor in load_file(path).values()), path
