@@ -54,6 +54,7 @@ from lib.models import (
 )
 from lib.prompts import PromptConfig
 from lib.rollout import ROLLOUTS_DIR
+from lib.stopping import Stopped, stop_signals_held, stop_signals_raise
 from lib.value_head import PolicyWithValue, save_value_head
 
 TRAINING_STATE_DIR = "training_state"
@@ -158,12 +159,27 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+# The run that main_or_exit reports on when a stop signal ends the script (TrainingRun sets it).
+_current_run = None
+
+
 def main_or_exit(main: Callable[[list[str]], None]) -> None:
-    """A script's `__main__`: run main(sys.argv[1:]); a diverged run ends with one `error:` line, not a traceback."""
-    try:
-        main(sys.argv[1:])
-    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
-        sys.exit(f"error: {error}")
+    """A script's `__main__`: run main(sys.argv[1:]). A diverged run ends with one `error:` line, not a traceback; so
+    does SIGINT (Ctrl-C) or SIGTERM, on every process of a launch: the step in flight is dropped, the checkpoints
+    and rollouts written so far stay (each is written whole), the game processes end with the interpreter (daemonic
+    children), and the exit code is 128 + the signal's number (130, 143)."""
+    with stop_signals_raise():
+        try:
+            main(sys.argv[1:])
+        except Stopped as stop:
+            line = f"stopped by {stop.signal_name} before the run started; it wrote nothing"
+            if _current_run is not None:
+                line = _current_run.stop_line(stop.signal_name)
+            if line:
+                print(line, file=sys.stderr)
+            sys.exit(stop.exit_code)
+        except NonFiniteError as error:  # raised on every process alike; the checkpoints written stay as they are
+            sys.exit(f"error: {error}")
 
 
 def saved_so_far(output_dir: Path) -> str:
@@ -482,6 +498,7 @@ def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, 
     (folder / "README.md").write_text(card)
 
 
+@stop_signals_held()  # a stop signal waits until the checkpoint is whole (and the old ones pruned)
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict,
                     card: str, arguments: dict, keep: int, process_state: dict | None = None) -> Path:
     """checkpoints/checkpoint-STEP written under a temporary name and renamed, so a crash leaves no half checkpoint;
@@ -516,6 +533,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     return folder
 
 
+@stop_signals_held()  # a stop signal waits until every file is in place
 def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str, arguments: dict) -> None:
     """The final policy at output_dir's root, each file moved into place only once all are written."""
     state_dict = accelerator.get_state_dict(model)
@@ -613,6 +631,9 @@ class TrainingRun:
         self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": []}
         self.wall_time_before = 0.0
         self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates, self.output_dir)
+        self.step_in_progress: int | None = None  # set by the progress bar's loop
+        global _current_run
+        _current_run = self
 
     @property
     def evals(self) -> dict:
@@ -664,9 +685,26 @@ class TrainingRun:
                                f"(random-admissible: {describe(self.evals['random'])})")
 
     def progress_bar(self, first_step: int, last_step: int, description: str):
-        """tqdm over the steps first_step..last_step (a resumed run starts it part-way), on the main process only."""
-        return tqdm(range(first_step, last_step + 1), desc=description, initial=first_step - 1, total=last_step,
+        """tqdm over the steps first_step..last_step (a resumed run starts it part-way), on the main process only.
+        Each step it hands out is the step in progress, which a stop signal's line names."""
+        def steps():
+            for step in range(first_step, last_step + 1):
+                self.step_in_progress = step
+                yield step
+
+        return tqdm(steps(), desc=description, initial=first_step - 1, total=last_step,
                     disable=not (self.run.progress and self.accelerator.is_main_process))
+
+    def stop_line(self, signal_name: str) -> str | None:
+        """What main_or_exit prints when a stop signal ends the run: where it stopped, what it keeps, how to go on
+        (None on the processes other than the main one, which says it for all)."""
+        if not self.accelerator.is_main_process:
+            return None
+        if self.step_in_progress is None:
+            where = f"before {self.step_key} {self.state[self.step_key] + 1}"
+        else:
+            where = f"at {self.step_key} {self.step_in_progress}"
+        return f"stopped by {signal_name} {where}; {saved_so_far(self.output_dir)}"
 
     def evaluate_held_out(self, agent, model, prompt_config: PromptConfig, tokenizer, name: str | None = None) -> dict:
         """A timed evaluation of the policy, added to the learning curve (and to `evals` under `name`); returns its

@@ -1,13 +1,20 @@
-"""Never lose a user's work: numbers that cannot train are refused before any model loads; a step that makes a
+"""Never lose a user's work: SIGINT (Ctrl-C) or SIGTERM stops every script cleanly, keeping what is finished and
+leaving no game process behind; numbers that cannot train are refused before any model loads; a step that makes a
 weight non-finite stops the run before those weights are saved."""
 
+import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from datasets import load_from_disk
 from safetensors.torch import load_file
 
 import lib.training
@@ -18,7 +25,7 @@ from lib.arguments import parse_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-PPO_ITERATIONS = 5
+PPO_ITERATIONS, RS_ROUNDS = 5, 4
 
 
 def flags(**values) -> list[str]:
@@ -32,6 +39,15 @@ def ppo_args(model, games, output) -> list[str]:
         num_iterations=PPO_ITERATIONS, num_envs=2, turns_per_slot=3, num_minibatches=3, gradient_accumulation_steps=1,
         max_episode_turns=4, eval_episodes=2, eval_every=2, save_every=1, save_total_limit=0, max_candidates=3,
         temperature=4, trainable_layers_fraction=0.5, learning_rate=1e-3, progress=False, report_to="none",
+    )
+
+
+def rs_args(model, games, output) -> list[str]:
+    return flags(
+        model_name_or_path=model, train_games=",".join(games), eval_games=",".join(games), output_dir=output,
+        num_rounds=RS_ROUNDS, episodes_per_round=4, num_envs=2, max_episode_turns=3, eval_episodes=2,
+        train_batch_size=4, learning_rate=1e-3, trainable_layers_fraction=0.5, save_total_limit=0, progress=False,
+        report_to="none", action_mode="generate", max_new_tokens=4, temperature=2,
     )
 
 
@@ -161,3 +177,107 @@ def test_a_non_finite_weight_stops_the_run_before_it_is_saved(tiny_model_path, t
     assert len(saved) >= 3  # the policy, the value head, the training state
     for path in saved:
         assert all(torch.isfinite(tensor).all() for tensor in load_file(path).values()), path
+
+
+# ---------------------------------------------------------------- stop signals: start, stop, check the processes
+
+
+def start(command: list[str], log_dir: Path) -> subprocess.Popen:
+    """The command in the background, its stdout and stderr going to files (a pipe nobody reads would block it)."""
+    return subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=open(log_dir / "stdout", "w"),
+                            stderr=open(log_dir / "stderr", "w"), text=True)
+
+
+def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, f"the process ended (exit {process.returncode}) before {what}"
+        assert time.time() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.05)
+
+
+def stop_and_wait(process: subprocess.Popen, signal_number: int, seed: int) -> list[psutil.Process]:
+    """After a random delay, send the signal to the script's own process (as `kill` does, not to its group) and wait
+    for it to end; returns the processes it had started (its game processes among them)."""
+    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    assert process.poll() is None, "the script finished before the signal: nothing to stop"
+    descendants = psutil.Process(process.pid).children(recursive=True)
+    process.send_signal(signal_number)
+    process.wait(timeout=120)
+    return descendants
+
+
+def assert_all_ended(processes: list[psutil.Process], timeout: float = 15) -> None:
+    deadline = time.time() + timeout
+    alive = processes
+    while alive and time.time() < deadline:
+        alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.1)
+    assert not alive, f"left running: {[(p.pid, p.cmdline()) for p in alive]}"
+
+
+# ---------------------------------------------------------------- play.py stopped
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_stopped_play_writes_the_finished_episodes_marked_partial(signal_number, tiny_games, tmp_path):
+    out = tmp_path / "out"
+    process = start([sys.executable, "play.py", "--agent", "random", "--games", ",".join(tiny_games),
+                     "--num_episodes", "1000000", "--num_envs", "2", "--max_episode_turns", "5",
+                     "--output_dir", str(out)], tmp_path)
+    wait_for(lambda: len(psutil.Process(process.pid).children(recursive=True)) >= 3, process, "the game processes")
+    time.sleep(1.0)  # some episodes finish
+    started = stop_and_wait(process, signal_number, seed=signal_number)
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["partial"] is True and 0 < report["episodes"] < 1000000
+    overall = [line.split() for line in stdout.splitlines() if line.startswith("all (random, partial)")]
+    assert overall and overall[0][3] == str(report["episodes"]), stdout[-2000:]
+    name = signal.Signals(signal_number).name
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith(f"stopped by {name} after {report['episodes']} of 1000000 episodes"), last_line
+    # Only the finished episodes: each one's turns, the last one ending it.
+    transcripts = load_from_disk(str(out / "transcripts")).to_list()
+    episodes = {}
+    for turn in transcripts:
+        episodes.setdefault(turn["episode"], []).append(turn)
+    assert len(episodes) == report["episodes"]
+    for turns in episodes.values():
+        assert [t["turn"] for t in turns] == list(range(1, len(turns) + 1))
+        assert turns[-1]["done"] and not any(t["done"] for t in turns[:-1])
+    assert_all_ended(started)
+
+
+# ---------------------------------------------------------------- trainers stopped, then resumed
+
+
+@pytest.mark.parametrize("script, make_args, step_key, last_step, signal_number", [
+    ("ppo_textworld.py", ppo_args, "iteration", PPO_ITERATIONS, signal.SIGINT),
+    ("rejection_sampling.py", rs_args, "round", RS_ROUNDS, signal.SIGTERM),
+], ids=["ppo-SIGINT", "rejection_sampling-SIGTERM"])
+def test_a_stopped_trainer_keeps_its_checkpoints_and_resumes(script, make_args, step_key, last_step, signal_number,
+                                                             tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "run"
+    args = make_args(tiny_model_path, tiny_games, output)
+    process = start([sys.executable, script, *args], tmp_path)
+    wait_for((output / "checkpoints" / "checkpoint-1").is_dir, process, "checkpoint-1")
+    started = stop_and_wait(process, signal_number, seed=signal_number)
+    stderr = (tmp_path / "stderr").read_text()
+    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    name = signal.Signals(signal_number).name
+    stop_lines = [line for line in stderr.splitlines() if line.startswith("stopped by")]
+    assert stop_lines == [stderr.strip().splitlines()[-1]], stderr[-3000:]
+    newest = max(int(path.name.split("-")[1]) for path in (output / "checkpoints").glob("checkpoint-*"))
+    assert stop_lines[0].startswith(f"stopped by {name} at {step_key} ")
+    assert stop_lines[0].endswith(f"nothing was saved after checkpoint-{newest}: resume from it with "
+                                  "--resume_from_checkpoint latest")
+    assert_all_ended(started)
+
+    resumed = subprocess.run([sys.executable, script, *args, "--resume_from_checkpoint", "latest"], cwd=ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {output / 'checkpoints' / f'checkpoint-{newest}'}" in resumed.stdout + resumed.stderr
+    assert (output / "checkpoints" / f"checkpoint-{last_step}").is_dir() and (output / "model.safetensors").is_file()
