@@ -12,7 +12,9 @@ Prints a table per game (normalized score, win rate, steps per episode, share of
 `datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
 `huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded, and
 so does an --output_dir that another run is using or that holds a report.json or transcripts/ that no textworld-rl
-run wrote (--overwrite_output_dir replaces them).
+run wrote (--overwrite_output_dir replaces them). Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the finished episodes
+are printed and written (`"partial": true`), the game processes end, and the exit code is 130 (SIGINT) or 143
+(SIGTERM).
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
@@ -39,7 +41,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
 from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
-from lib.arguments import parse_arguments, renamed_flags, yaml_flags
+from lib.arguments import check_finite_numbers, check_no_negative_counts, parse_arguments, renamed_flags, yaml_flags
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
@@ -54,6 +56,7 @@ from lib.run_folder import (
     release_output_dirs,
 )
 from lib.scoring import ACTION_MODES, ScoringConfig
+from lib.stopping import Stopped, stop_signals_held, stop_signals_raise
 from lib.training import ARGS_FILE
 
 AGENTS = ("random", "walkthrough", "human", "model")
@@ -181,6 +184,7 @@ def scoring_config(args: Args) -> ScoringConfig:
 
 def check_args(args: Args) -> None:
     """Every flag checked without loading a model or generating a game; raises ValueError naming the flag."""
+    check_finite_numbers((args,))
     if args.agent not in AGENTS:
         raise ValueError(f"--agent {args.agent!r} is unknown; choose one of {', '.join(AGENTS)}")
     if args.split not in SPLITS:
@@ -213,6 +217,7 @@ def check_args(args: Args) -> None:
             resolve_model(args.model_name_or_path)
         except ModelError as error:
             raise ValueError(f"--model_name_or_path: {error}") from None
+    check_no_negative_counts((args,))
 
 
 def check_play_settings(args: Args) -> None:
@@ -341,7 +346,19 @@ def save_outputs(output_dir: str, report: dict, args: Args, settings_source: dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """play.py as a command (see `run`): SIGINT (Ctrl-C) and SIGTERM stop it cleanly. The episodes in flight are
+    dropped, the finished ones reported and written, marked partial, and the exit code is 128 + the signal's number
+    (130, 143)."""
+    with stop_signals_raise():
+        try:
+            return run(sys.argv[1:] if argv is None else argv)
+        except Stopped as stop:  # while loading, before any episode was played, or after the outputs were written
+            print(f"stopped by {stop.signal_name}; nothing more was written", file=sys.stderr)
+            return stop.exit_code
+
+
+def run(argv: list[str]) -> int:
+    """Parse and check the flags, play, print the table, write the outputs; returns the exit code (2: bad flags)."""
     try:
         return play_games(argv)
     finally:
@@ -368,27 +385,37 @@ def play_games(argv: list[str]) -> int:
     if settings_file is not None:
         print(describe_settings(settings_file, args, settings_source))
 
-    result = evaluate(
-        agent,
-        games,
-        num_episodes=args.num_episodes or len(games),
-        num_envs=1 if args.agent == "human" else args.num_envs,
-        max_episode_turns=args.max_episode_turns,
-        prompt_config=prompt_config(args),
-        tokenizer=tokenizer,
-        seed=args.seed,
-        progress=args.agent != "human",  # a progress bar would cut into the game text
-    )
-    print(format_report_table(result.report))
+    num_episodes, stop = args.num_episodes or len(games), None
+    try:
+        result = evaluate(
+            agent,
+            games,
+            num_episodes=num_episodes,
+            num_envs=1 if args.agent == "human" else args.num_envs,
+            max_episode_turns=args.max_episode_turns,
+            prompt_config=prompt_config(args),
+            tokenizer=tokenizer,
+            seed=args.seed,
+            progress=args.agent != "human",  # a progress bar would cut into the game text
+        )
+    except Stopped as stopped:
+        stop, result = stopped, stopped.finished
+    report = {**result.report, "partial": stop is not None}
+    print(format_report_table(report))
 
-    if args.output_dir or args.push_to_hub:
-        dataset = Dataset.from_list(result.transcripts)
-        if args.output_dir:
-            save_outputs(args.output_dir, result.report, args, settings_source, dataset)
+    dataset = Dataset.from_list(result.transcripts) if args.output_dir or args.push_to_hub else None
+    if args.output_dir:
+        with stop_signals_held():  # written whole; a stop signal waits for it
+            save_outputs(args.output_dir, report, args, settings_source, dataset)
             print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
-        if args.push_to_hub:
-            dataset.push_to_hub(args.push_to_hub)
-            print(f"pushed the transcripts to https://huggingface.co/datasets/{args.push_to_hub}")
+    if stop is not None:
+        kept = f"{args.output_dir} holds them, marked partial" if args.output_dir else "the table shows them"
+        print(f"stopped by {stop.signal_name} after {report['episodes']} of {num_episodes} episodes ({kept}); run the "
+              "same command again to play them all", file=sys.stderr)
+        return stop.exit_code
+    if args.push_to_hub:
+        dataset.push_to_hub(args.push_to_hub)
+        print(f"pushed the transcripts to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
 
 

@@ -5,6 +5,7 @@ of the shared flags. Each check raises ValueError naming the flag; nothing here 
 
 import dataclasses
 import importlib.util
+import math
 import os
 import re
 import typing
@@ -136,18 +137,20 @@ def parse_arguments(dataclass_types: tuple, argv: list[str]) -> tuple:
     if argv and argv[0].endswith((".yaml", ".yml")):
         values = yaml_values(argv[0])
         set_to_none = {key for key, value in values.items() if value is None and key in optional}
-        argv = [item for key, value in values.items() if value is not None for item in (f"--{key}", str(value))] + argv[1:]
+        argv = yaml_flags(argv[0]) + argv[1:]
     argv = renamed_flags(argv)
     kept = []
     for item in argv:
         flag, equals, value = item.partition("=")
-        if equals and flag.removeprefix("--") in optional and value.lower() in ("none", "null"):  # --flag=none
-            set_to_none.add(flag.removeprefix("--"))
-            continue
-        name = kept[-1].removeprefix("--") if kept and kept[-1].startswith("--") else None
-        if name in optional and item.lower() in ("none", "null"):
+        if item.startswith("--") and equals:  # --name=value, one item
+            name = flag.removeprefix("--")
+        else:  # the value of the --name item before it (or a flag)
+            name = kept[-1].removeprefix("--") if kept and kept[-1].startswith("--") else None
+            value = item
+        if name in optional and value.lower() in ("none", "null"):
             set_to_none.add(name)
-            kept.pop()
+            if not equals:
+                kept.pop()
         else:
             set_to_none.discard(flag.removeprefix("--") if equals else name)  # a later value overrides a YAML null
             kept.append(item)
@@ -177,5 +180,26 @@ def yaml_values(path: str) -> dict:
 
 
 def yaml_flags(path: str) -> list[str]:
-    """A YAML file of `flag_name: value` lines as command-line flags (null values left out)."""
-    return [item for key, value in yaml_values(path).items() if value is not None for item in (f"--{key}", str(value))]
+    """A YAML file of `flag_name: value` lines as command-line flags (null values left out). Each is one
+    `--name=value` item: YAML reads `-1e-5` as a string, which argparse would take for a flag if it came apart."""
+    return [f"--{key}={value}" for key, value in yaml_values(path).items() if value is not None]
+
+
+def check_finite_numbers(groups: tuple) -> None:
+    """Every float flag of the parsed dataclasses (`groups`) must be a number: inf or nan would train nothing (and
+    NaN passes no range check, as every comparison with it is false). Run it before the scripts' own checks."""
+    for group in groups:
+        for item in dataclasses.fields(group):
+            value = getattr(group, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{item.name} must be a finite number, got {value}")
+
+
+def check_no_negative_counts(groups: tuple) -> None:
+    """Every int flag (counts, sizes, seeds, intervals) must be >= 0. Run it after the scripts' own checks, which
+    name a flag's group more precisely where they have one."""
+    for group in groups:
+        for item in dataclasses.fields(group):
+            value = getattr(group, item.name)
+            if type(value) is int and value < 0:  # not a bool
+                raise ValueError(f"--{item.name} must be >= 0, got {value}")

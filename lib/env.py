@@ -22,6 +22,7 @@ slot to move on alone; and a worker that dies or hangs must be replaced without 
 
 import multiprocessing as mp
 import random
+import signal
 import sys
 import types
 from dataclasses import dataclass
@@ -100,13 +101,20 @@ def _pack(game_state, done: bool) -> dict:
 
 
 def _worker(conn) -> None:
-    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None)."""
+    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None) or until
+    the parent is gone."""
+    # Ctrl-C in a terminal reaches the whole process group: the parent stops its games itself (close(), or the
+    # termination of daemonic children at its exit), so a worker must not die with a traceback of its own.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import textworld
 
     env, loaded = None, None
     infos = _env_infos()
     while True:
-        request, argument = conn.recv()
+        try:
+            request, argument = conn.recv()
+        except EOFError:  # the parent exited without closing us (a run stopped by an error): no traceback of ours
+            break
         if request == "close":
             break
         if request == "reset":

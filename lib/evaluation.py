@@ -15,6 +15,7 @@ observation (the game's raw answer), reward, score, max_score, done, won, invali
 (`Agent.transcript_columns`: the scoring agent's candidates and chosen_index).
 """
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ from lib.agents import Agent, SessionEnded
 from lib.env import BatchEnv
 from lib.games import game_name
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
+from lib.stopping import Stopped
 
 GAME_METRICS = ("normalized_score", "win_rate", "mean_steps", "invalid_rate")
 TABLE_COLUMNS = ("episodes", "norm score", "win rate", "steps", "invalid")
@@ -108,9 +110,10 @@ def _format(value, percent: bool) -> str:
 
 
 def format_report_table(report: dict) -> str:
-    """A fixed-width table: one row per game, then the overall row."""
+    """A fixed-width table: one row per game, then the overall row (labelled partial for a report marked so)."""
     rows = [("game", *TABLE_COLUMNS)]
-    for part in report["games"] + [{"game": f"all ({report['agent']})", **report}]:
+    overall = f"all ({report['agent']}, partial)" if report.get("partial") else f"all ({report['agent']})"
+    for part in report["games"] + [{**report, "game": overall}]:
         rows.append((
             part["game"],
             str(part["episodes"]),
@@ -125,6 +128,18 @@ def format_report_table(report: dict) -> str:
     lines.insert(1, "-" * len(lines[0]))
     lines.insert(len(lines) - 1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def finished_kept_on_stop(finished_part: Callable[[], EvalResult], bar):
+    """A stop signal (lib.stopping.Stopped) leaves carrying `finished_part()`, the report and transcripts of the
+    episodes finished by then: play.py writes them, a trainer just unwinds."""
+    try:
+        yield
+    except Stopped as stop:
+        bar.close()  # before the script's closing line, which would otherwise land on the bar's line
+        stop.finished = finished_part()
+        raise
 
 
 def evaluate(
@@ -146,7 +161,8 @@ def evaluate(
     `sync_active(this_rank_playing) -> any_rank_playing` (e.g. an all-reduce) keeps the ranks in lockstep until all
     are done, for a model sharded with ZeRO-3 (`synced_gpus`), whose every generate call needs every rank: a rank
     without games left keeps calling the agent with idle slots. A human agent that quits ends the run early: the
-    report covers the episodes finished by then.
+    report covers the episodes finished by then. A stop signal (lib.stopping.Stopped) ends it too, carrying the report
+    and transcripts of the finished episodes.
     """
     if num_episodes < 1:
         raise ValueError(f"num_episodes must be at least 1, got {num_episodes}")
@@ -166,9 +182,15 @@ def evaluate(
         playing = any(state is not None for state in states)
         return sync_active(playing) if sync_active else playing
 
+    finished: set[int] = set()  # global numbers of the episodes played to their end
+
+    def finished_part() -> EvalResult:
+        return EvalResult(summarize_episodes(episodes, agent.name, names),
+                          [turn for turn in transcripts if turn["episode"] in finished])
+
     bar = tqdm(total=len(episode_ids), desc=f"eval {agent.name}", disable=not progress)
     with BatchEnv(games, num_envs, max_episode_turns, num_episodes=len(episode_ids), seed=seed, rank=rank,
-                  world_size=world_size) as env:
+                  world_size=world_size) as env, finished_kept_on_stop(finished_part, bar):
         states = env.reset()
         histories: list[list[Turn]] = [[] for _ in range(num_envs)]
         invalid = [0] * num_envs
@@ -211,6 +233,7 @@ def evaluate(
                     **agent.transcript_columns(slot),
                 })
                 if result.done:
+                    finished.add(episode_ids[after.episode])
                     episodes.append(episode_record(
                         game_name(after.game), after.score, after.max_score, after.won, after.steps, invalid[slot]
                     ))

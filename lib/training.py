@@ -33,7 +33,15 @@ from accelerate.utils import InitProcessGroupKwargs, gather_object, set_seed
 from tqdm.auto import tqdm
 
 from lib.agents import RandomAgent
-from lib.arguments import DEPRECATED_FLAGS, TRACKERS, check_push_to_hub, check_report_to, parse_arguments
+from lib.arguments import (
+    DEPRECATED_FLAGS,
+    TRACKERS,
+    check_finite_numbers,
+    check_no_negative_counts,
+    check_push_to_hub,
+    check_report_to,
+    parse_arguments,
+)
 from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, resolve_games
 from lib.models import (
@@ -59,6 +67,7 @@ from lib.run_folder import (
     record_outputs,
     release_output_dirs,
 )
+from lib.stopping import Stopped, stop_signals_held, stop_signals_raise
 from lib.value_head import PolicyWithValue, save_value_head
 
 TRAINING_STATE_DIR = "training_state"
@@ -139,7 +148,9 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         groups = parse_arguments(argument_types, argv)
+        check_finite_numbers(groups)
         check(*groups, world_size)
+        check_no_negative_counts(groups)
         check_run_paths(groups[0])
     except ValueError as error:
         sys.exit(f"error: {error}")
@@ -192,12 +203,35 @@ def frozen_copy(model):
     return copy.deepcopy(model).eval().requires_grad_(False)
 
 
+# The run that main_or_exit reports on when a stop signal ends the script (TrainingRun sets it).
+_current_run = None
+
+
 def main_or_exit(main: Callable[[list[str]], None]) -> None:
-    """A script's `__main__`: run main(sys.argv[1:]); a diverged run ends with one `error:` line, not a traceback."""
-    try:
-        main(sys.argv[1:])
-    except NonFiniteError as error:  # raised on every process alike; the checkpoints written so far stay as they are
-        sys.exit(f"error: {error}")
+    """A script's `__main__`: run main(sys.argv[1:]). A diverged run ends with one `error:` line, not a traceback; so
+    does SIGINT (Ctrl-C) or SIGTERM, on every process of a launch: the step in flight is dropped, the checkpoints
+    and rollouts written so far stay (each is written whole), the game processes end with the interpreter (daemonic
+    children), and the exit code is 128 + the signal's number (130, 143)."""
+    with stop_signals_raise():
+        try:
+            main(sys.argv[1:])
+        except Stopped as stop:
+            line = f"stopped by {stop.signal_name} before the run started; it wrote nothing"
+            if _current_run is not None:
+                line = _current_run.stop_line(stop.signal_name)
+            if line:
+                print(line, file=sys.stderr)
+            sys.exit(stop.exit_code)
+        except NonFiniteError as error:  # raised on every process alike; the checkpoints written stay as they are
+            sys.exit(f"error: {error}")
+
+
+def saved_so_far(output_dir: Path) -> str:
+    """What a stopped run keeps in output_dir and how to go on from it."""
+    newest = newest_checkpoint(output_dir)
+    if newest is None:
+        return "no checkpoint was saved: start again with --overwrite_output_dir"
+    return f"nothing was saved after {newest.name}: resume from it with --resume_from_checkpoint latest"
 
 
 # What a run did before these flags existed (PPO's value-head GAE, slots playing alone).
@@ -287,9 +321,10 @@ class NonFiniteGuard:
     Per batch: `finite_batch(tensors, where)` before the update (a False answer: skip the whole update).
     """
 
-    def __init__(self, accelerator, limit: int):
+    def __init__(self, accelerator, limit: int, output_dir: Path | None = None):
         self.accelerator = accelerator
         self.limit = limit
+        self.output_dir = output_dir  # where the run's checkpoints go, named when a weight turns non-finite
         self.streak = 0  # skipped updates in a row
         self.skipped = 0  # in all
         self._poisoned = False  # a micro-batch of the current optimizer step had a non-finite loss
@@ -309,17 +344,31 @@ class NonFiniteGuard:
         self._poisoned |= not finite
         return finite
 
-    def step(self, optimizer, grad_norm, where: str) -> bool:
-        """Step the optimizer unless a loss of this step or the gradient norm was NaN or inf; True when it stepped."""
+    def step(self, optimizer, grad_norm, where: str, parameters: list[torch.Tensor]) -> bool:
+        """Step the optimizer unless a loss of this step or the gradient norm was NaN or inf; True when it stepped.
+        A step that leaves a NaN or inf in the trainable `parameters` stops the run (NonFiniteError) before anything
+        saves them."""
         finite = not self._poisoned and (grad_norm is None or math.isfinite(float(grad_norm)))
         self._poisoned = False
         if finite:
             self.streak = 0
             optimizer.step()
+            self._check_weights(optimizer, parameters, where)
         else:
             self._skip(f"NaN or inf in the loss or gradient at {where}: optimizer step skipped")
         optimizer.zero_grad()
         return finite
+
+    def _check_weights(self, optimizer, parameters: list[torch.Tensor], where: str) -> None:
+        # Finite gradients can still step into inf (an overflowing learning rate, a bad optimizer state); every
+        # later loss would then be NaN and the run would skip its way to a stop, or checkpoint the broken weights.
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in parameters]).all()) if parameters else True
+        if not self._everywhere(finite):
+            saved = f"; {saved_so_far(self.output_dir)}" if self.output_dir is not None else ""
+            raise NonFiniteError(
+                f"a non-finite weight after the optimizer step at {where}: stopped without saving it. Lower "
+                f"--learning_rate (now {optimizer.param_groups[0]['lr']:g}) or --max_grad_norm{saved}"
+            )
 
     def _skip(self, message: str) -> None:
         self.streak += 1
@@ -344,7 +393,7 @@ def backward_and_step(accelerator, guard: NonFiniteGuard, loss: torch.Tensor, op
     stepped, grad_norm = False, None
     if accelerator.sync_gradients:
         grad_norm = accelerator.clip_grad_norm_(parameters, max_grad_norm)
-        stepped = guard.step(optimizer, grad_norm, where)
+        stepped = guard.step(optimizer, grad_norm, where, parameters)
     return finite, stepped, None if grad_norm is None else float(grad_norm)
 
 
@@ -508,6 +557,7 @@ def export_model(accelerator, model, tokenizer, folder: Path, state_dict: dict, 
     (folder / "README.md").write_text(card)
 
 
+@stop_signals_held()  # a stop signal waits until the checkpoint is whole (and the old ones pruned)
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, trainer_state: dict,
                     card: str, arguments: dict, keep: int, process_state: dict | None = None) -> Path:
     """checkpoints/checkpoint-STEP written under a temporary name and renamed, so a crash leaves no half checkpoint;
@@ -542,6 +592,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     return folder
 
 
+@stop_signals_held()  # a stop signal waits until every file is in place
 def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str, arguments: dict) -> None:
     """The final policy at output_dir's root, each file moved into place only once all are written."""
     state_dict = accelerator.get_state_dict(model)
@@ -653,7 +704,10 @@ class TrainingRun:
         self.state = {step_key: 0, "env_steps": 0, "episodes": 0, "wall_time_s": 0.0, "evals": {}, "eval_history": [],
                       "eval_held_out": self.held_out}
         self.wall_time_before = 0.0
-        self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates)
+        self.guard = NonFiniteGuard(self.accelerator, run.max_nonfinite_updates, self.output_dir)
+        self.step_in_progress: int | None = None  # set by the progress bar's loop
+        global _current_run
+        _current_run = self
 
     @property
     def held_out(self) -> bool:
@@ -714,9 +768,26 @@ class TrainingRun:
                                f"(random-admissible: {describe(self.evals['random'])})")
 
     def progress_bar(self, first_step: int, last_step: int, description: str):
-        """tqdm over the steps first_step..last_step (a resumed run starts it part-way), on the main process only."""
-        return tqdm(range(first_step, last_step + 1), desc=description, initial=first_step - 1, total=last_step,
+        """tqdm over the steps first_step..last_step (a resumed run starts it part-way), on the main process only.
+        Each step it hands out is the step in progress, which a stop signal's line names."""
+        def steps():
+            for step in range(first_step, last_step + 1):
+                self.step_in_progress = step
+                yield step
+
+        return tqdm(steps(), desc=description, initial=first_step - 1, total=last_step,
                     disable=not (self.run.progress and self.accelerator.is_main_process))
+
+    def stop_line(self, signal_name: str) -> str | None:
+        """What main_or_exit prints when a stop signal ends the run: where it stopped, what it keeps, how to go on
+        (None on the processes other than the main one, which says it for all)."""
+        if not self.accelerator.is_main_process:
+            return None
+        if self.step_in_progress is None:
+            where = f"before {self.step_key} {self.state[self.step_key] + 1}"
+        else:
+            where = f"at {self.step_key} {self.step_in_progress}"
+        return f"stopped by {signal_name} {where}; {saved_so_far(self.output_dir)}"
 
     def evaluate_held_out(self, agent, model, prompt_config: PromptConfig, tokenizer, name: str | None = None) -> dict:
         """A timed evaluation of the policy, added to the learning curve (and to `evals` under `name`); returns its

@@ -47,6 +47,10 @@ CASES = {
     "zero max_nonfinite_updates": (PPO, ["--max_nonfinite_updates", "0"], ["--max_nonfinite_updates must be positive"], True),
     "play: corrupt game file": (PLAY, ["--games", "{tmp}/garbage.z8", "--agent", "random"], ["--games", "{tmp}/garbage.z8", "corrupt"], False),
     "play: unknown agent": (PLAY, ["--agent", "nope"], ["--agent 'nope' is unknown", "choose one of random"], False),
+    "infinite learning rate": (PPO, ["--learning_rate", "inf"], ["--learning_rate must be a finite number", "got inf"], True),
+    "NaN gamma (rejection sampling)": (RS, ["--gamma", "nan"], ["--gamma must be a finite number", "got nan"], True),
+    "negative seed": (RS, ["--seed", "-1"], ["--seed must be >= 0", "got -1"], True),
+    "play: infinite temperature": (PLAY, ["--agent", "random", "--temperature", "inf"], ["--temperature must be a finite number", "got inf"], False),
 }
 
 
