@@ -329,7 +329,7 @@ def test_eval_games_shared_with_training_are_not_called_held_out(tiny_games, tmp
     def training_run(train: list[str], held_out: list[str]) -> TrainingRun:
         run = RunArguments(output_dir=str(tmp_path / "out"), train_games=",".join(train),
                            eval_games=",".join(held_out), report_to="none", progress=False)
-        return TrainingRun(run, {}, None, "iteration", 1)
+        return TrainingRun(run, {}, None, "iteration", 1, started=0.0)
 
     def card(training: TrainingRun) -> str:
         return model_card(training.run, title="t", tags=["ppo"], description="d", evals={}, held_out=training.held_out)
