@@ -74,9 +74,9 @@ def test_summarize_episodes_per_game_and_overall():
     assert report["mean_score"] == 0.5
     rows = {row["game"]: row for row in report["games"]}
     assert list(rows) == ["a", "b", "c", "d"]
-    assert rows["a"] == {"game": "a", "episodes": 2, "normalized_score": 0.5, "win_rate": 0.5, "mean_steps": 6.0,
-                         "invalid_rate": 5 / 12}
-    assert rows["d"] == {"game": "d", "episodes": 0, **dict.fromkeys(METRICS)}
+    assert rows["a"] == {"game": "a", "episodes": 2, "crashed": 0, "normalized_score": 0.5, "win_rate": 0.5,
+                         "mean_steps": 6.0, "invalid_rate": 5 / 12}
+    assert rows["d"] == {"game": "d", "episodes": 0, "crashed": 0, **dict.fromkeys(METRICS)}
     table = format_report_table(report)
     lines = table.splitlines()
     assert lines[0].split() == ["game", "episodes", "norm", "score", "win", "rate", "steps", "invalid"]
