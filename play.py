@@ -9,8 +9,9 @@
 
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
 --output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
-`datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
-`huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded.
+`datasets.load_from_disk`; --push_to_hub REPO_ID (with --output_dir, so that a failed upload loses nothing) uploads
+the transcripts as a Hub dataset (log in first with `hf auth login`; the login and the Hub are checked at the start).
+Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded.
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
@@ -38,9 +39,11 @@ from transformers import HfArgumentParser, set_seed
 
 from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
 from lib.arguments import parse_arguments, renamed_flags, yaml_flags
+from lib.env import GameProcessError
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
+from lib.hub import check_push_access, push_failure_message
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
 from lib.prompts import PROMPT_FORMATS, PromptConfig
 from lib.scoring import ACTION_MODES, ScoringConfig
@@ -78,7 +81,8 @@ class Args:
         metadata={"help": f"folder for {REPORT_FILE} and the {TRANSCRIPTS_DIR}/ dataset; none: print only"},
     )
     push_to_hub: str | None = field(
-        default=None, metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to"}
+        default=None,
+        metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to; needs --output_dir"},
     )
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
@@ -178,7 +182,7 @@ def check_args(args: Args) -> None:
         if path is not None and Path(path).exists() and not Path(path).is_dir():
             raise ValueError(f"--{flag} {path} is a file; give a folder path")
     try:
-        check_game_source(args.games)
+        check_game_source(args.games, args.games_dir)
     except GameError as error:
         raise ValueError(f"--games: {error}") from None
     if args.push_to_hub is not None:
@@ -188,6 +192,10 @@ def check_args(args: Args) -> None:
             raise ValueError(
                 f"--push_to_hub {args.push_to_hub!r} is not a repo id ('name' or 'owner/name'): {error}"
             ) from None
+        if args.output_dir is None:
+            raise ValueError("--push_to_hub needs --output_dir: the transcripts are saved there first, so that a "
+                             "failed upload loses nothing")
+        check_push_access(args.push_to_hub)
     check_play_settings(args)
     if args.agent == "model":
         if args.dtype not in DTYPES:
@@ -313,26 +321,33 @@ def main(argv: list[str] | None = None) -> int:
     if settings_file is not None:
         print(describe_settings(settings_file, args, settings_source))
 
-    result = evaluate(
-        agent,
-        games,
-        num_episodes=args.num_episodes or len(games),
-        num_envs=1 if args.agent == "human" else args.num_envs,
-        max_episode_turns=args.max_episode_turns,
-        prompt_config=prompt_config(args),
-        tokenizer=tokenizer,
-        seed=args.seed,
-        progress=args.agent != "human",  # a progress bar would cut into the game text
-    )
+    try:
+        result = evaluate(
+            agent,
+            games,
+            num_episodes=args.num_episodes or len(games),
+            num_envs=1 if args.agent == "human" else args.num_envs,
+            max_episode_turns=args.max_episode_turns,
+            prompt_config=prompt_config(args),
+            tokenizer=tokenizer,
+            seed=args.seed,
+            progress=args.agent != "human",  # a progress bar would cut into the game text
+        )
+    except GameProcessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(format_report_table(result.report))
 
-    if args.output_dir or args.push_to_hub:
+    if args.output_dir:  # --push_to_hub implies it
         dataset = Dataset.from_list(result.transcripts)
-        if args.output_dir:
-            save_outputs(args.output_dir, result.report, args, settings_source, dataset)
-            print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
+        save_outputs(args.output_dir, result.report, args, settings_source, dataset)
+        print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
         if args.push_to_hub:
-            dataset.push_to_hub(args.push_to_hub)
+            try:
+                dataset.push_to_hub(args.push_to_hub)
+            except Exception as error:  # noqa: BLE001 - network, auth, quota: the saved outputs can be pushed later
+                print(f"error: {push_failure_message(args.output_dir, args.push_to_hub, error)}", file=sys.stderr)
+                return 1
             print(f"pushed the transcripts to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
 
