@@ -43,7 +43,7 @@ from lib.env import GameProcessError
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
-from lib.hub import check_push_access, push_failure_message
+from lib.hub import check_push_flag, push_failure_message
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
 from lib.prompts import PROMPT_FORMATS, PromptConfig
 from lib.scoring import ACTION_MODES, ScoringConfig
@@ -195,7 +195,7 @@ def check_args(args: Args) -> None:
         if args.output_dir is None:
             raise ValueError("--push_to_hub needs --output_dir: the transcripts are saved there first, so that a "
                              "failed upload loses nothing")
-        check_push_access(args.push_to_hub)
+        check_push_flag(args.push_to_hub)
     check_play_settings(args)
     if args.agent == "model":
         if args.dtype not in DTYPES:

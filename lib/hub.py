@@ -53,23 +53,30 @@ def is_cached_model(repo_id: str) -> bool:
     return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
 
 
-def check_push_access(repo_id: str, flag: str = "--push_to_hub") -> None:
+def check_push_access(repo_id: str) -> None:
     """Raise HubError unless a Hub token is set and the Hub answers and accepts it: a run that pushes its results at
     the end learns now, before it works, that the push would fail."""
     from huggingface_hub import HfApi, get_token
 
     if get_token() is None:
-        raise HubError(f"{flag} {repo_id}: not logged in to the Hugging Face Hub: run `hf auth login` (or set "
-                       f"HF_TOKEN), or drop {flag}")
+        raise HubError("not logged in to the Hugging Face Hub: run `hf auth login` (or set HF_TOKEN)")
     reason = hub_unreachable_reason()
     if reason is not None:
-        raise HubError(f"{flag} {repo_id}: the Hugging Face Hub is unreachable ({reason}): rerun when it answers, or "
-                       f"drop {flag} and push the outputs later with `python {PUSH_TOOL} OUTPUT_DIR {repo_id}`")
+        raise HubError(f"the Hugging Face Hub is unreachable ({reason}): rerun when it answers")
     try:
         HfApi().whoami()
     except Exception as error:  # noqa: BLE001 - an invalid token, a rate limit: the push would fail the same way
-        raise HubError(f"{flag} {repo_id}: the Hugging Face Hub refuses the token ({_one_line(error)}): log in again "
-                       f"with `hf auth login --force`, or drop {flag}") from None
+        raise HubError(f"the Hugging Face Hub refuses the token ({_one_line(error)}): log in again with "
+                       "`hf auth login --force`") from None
+
+
+def check_push_flag(repo_id: str) -> None:
+    """check_push_access for `--push_to_hub REPO_ID`: the error names the flag and the way around it."""
+    try:
+        check_push_access(repo_id)
+    except HubError as error:
+        raise HubError(f"--push_to_hub {repo_id}: {error}; or drop --push_to_hub and push the outputs later with "
+                       f"`{push_later_command('OUTPUT_DIR', repo_id)}`") from None
 
 
 def push_later_command(output_dir: str | Path, repo_id: str) -> str:

@@ -42,7 +42,7 @@ from lib.checkpoints import (
 from lib.env import GameProcessError
 from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
-from lib.hub import check_push_access, push_failure_message, push_model_folder
+from lib.hub import check_push_flag, push_failure_message, push_model_folder
 from lib.models import (
     CHECKPOINTS_DIR,
     DEFAULT_MODEL,
@@ -112,7 +112,7 @@ def check_run_arguments(run: RunArguments, world_size: int) -> None:
     check_report_to(run.report_to)
     check_push_to_hub(run.push_to_hub)
     if run.push_to_hub is not None:
-        check_push_access(run.push_to_hub)
+        check_push_flag(run.push_to_hub)
     try:
         resolve_model(run.model_name_or_path)
     except ModelError as error:

@@ -79,7 +79,7 @@ def trained_run(tiny_model_path, tiny_games, tmp_path_factory):
         raise ConnectionError("the Hub went away")
 
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
-        patch.setattr(lib.training, "check_push_access", lambda repo_id: None)
+        patch.setattr(lib.training, "check_push_flag", lambda repo_id: None)
         patch.setattr(lib.training, "push_model_folder", failing_push)
         with pytest.raises(SystemExit) as exit_info:
             ppo_textworld.main(ppo_flags(tiny_model_path, tiny_games, output, push_to_hub=PUSH_REPO))

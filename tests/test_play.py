@@ -277,7 +277,7 @@ def test_play_walkthrough_from_yaml_wins_every_game(small_games, tmp_path):
 def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeypatch):
     pushed = []
     monkeypatch.setattr(play.Dataset, "push_to_hub", lambda dataset, repo_id: pushed.append((repo_id, len(dataset))))
-    monkeypatch.setattr(play, "check_push_access", lambda repo_id: None)  # no Hub here: pushing is faked
+    monkeypatch.setattr(play, "check_push_flag", lambda repo_id: None)  # no Hub here: pushing is faked
     out = tmp_path / "model"
     code = play.main(["--agent", "model", "--action_mode", "generate", "--model_name_or_path", tiny_model_path,
                       "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3",

@@ -33,9 +33,9 @@ def main(argv: list[str]) -> int:
     from datasets import load_from_disk
 
     try:
-        check_push_access(args.repo_id, flag="repo")
+        check_push_access(args.repo_id)
     except HubError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {args.repo_id}: {error}", file=sys.stderr)
         return 1
     if (args.output_dir / TRANSCRIPTS_DIR).is_dir():
         load_from_disk(str(args.output_dir / TRANSCRIPTS_DIR)).push_to_hub(args.repo_id)
