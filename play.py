@@ -9,12 +9,12 @@
 
 Prints a table per game (normalized score, win rate, steps per episode, share of non-admissible commands). With
 --output_dir it writes `report.json` (the report and the args) and `transcripts/`, one row per turn, readable with
-`datasets.load_from_disk`; --push_to_hub REPO_ID uploads the transcripts as a Hub dataset (log in first with
-`huggingface-cli login`). Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded, and
-so does an --output_dir that another run is using or that holds a report.json or transcripts/ that no textworld-rl
-run wrote (--overwrite_output_dir replaces them). Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the finished episodes
-are printed and written (`"partial": true`), the game processes end, and the exit code is 130 (SIGINT) or 143
-(SIGTERM).
+`datasets.load_from_disk`; --push_to_hub REPO_ID (with --output_dir, so that a failed upload loses nothing) uploads
+the transcripts as a Hub dataset (log in first with `hf auth login`; the login and the Hub are checked at the start).
+Bad flags stop the run with `error: ...` and exit code 2 before any model is loaded, and so does an --output_dir that
+another run is using or that holds a report.json or transcripts/ that no textworld-rl run wrote
+(--overwrite_output_dir replaces them). Ctrl-C (SIGINT) or SIGTERM stops it cleanly: the finished episodes are
+printed and written (`"partial": true`), the game processes end, and the exit code is 130 (SIGINT) or 143 (SIGTERM).
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
@@ -42,9 +42,11 @@ from transformers import HfArgumentParser, set_seed
 
 from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
 from lib.arguments import check_finite_numbers, check_no_negative_counts, parse_arguments, renamed_flags, yaml_flags
+from lib.env import GameProcessError
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
+from lib.hub import check_push_flag, push_failure_message
 from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
 from lib.prompts import PROMPT_FORMATS, PromptConfig, check_prompt_budget
 from lib.run_folder import (
@@ -97,7 +99,8 @@ class Args:
                           "run wrote them"},
     )
     push_to_hub: str | None = field(
-        default=None, metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to"}
+        default=None,
+        metadata={"help": "Hub dataset repo id (name or owner/name) to upload the transcripts to; needs --output_dir"},
     )
     model_name_or_path: str = field(
         default=DEFAULT_MODEL,
@@ -194,7 +197,7 @@ def check_args(args: Args) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{flag} must be at least 1, got {value}")
     try:
-        check_game_source(args.games)
+        check_game_source(args.games, args.games_dir)
     except GameError as error:
         raise ValueError(f"--games: {error}") from None
     if args.push_to_hub is not None:
@@ -204,6 +207,10 @@ def check_args(args: Args) -> None:
             raise ValueError(
                 f"--push_to_hub {args.push_to_hub!r} is not a repo id ('name' or 'owner/name'): {error}"
             ) from None
+        if args.output_dir is None:
+            raise ValueError("--push_to_hub needs --output_dir: the transcripts are saved there first, so that a "
+                             "failed upload loses nothing")
+        check_push_flag(args.push_to_hub)
     check_play_settings(args)
     if args.agent == "model":
         if args.dtype not in DTYPES:
@@ -400,11 +407,14 @@ def play_games(argv: list[str]) -> int:
         )
     except Stopped as stopped:
         stop, result = stopped, stopped.finished
+    except GameProcessError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     report = {**result.report, "partial": stop is not None}
     print(format_report_table(report))
 
-    dataset = Dataset.from_list(result.transcripts) if args.output_dir or args.push_to_hub else None
-    if args.output_dir:
+    if args.output_dir:  # --push_to_hub implies it
+        dataset = Dataset.from_list(result.transcripts)
         with stop_signals_held():  # written whole; a stop signal waits for it
             save_outputs(args.output_dir, report, args, settings_source, dataset)
             print(f"wrote {Path(args.output_dir) / REPORT_FILE} and {Path(args.output_dir) / TRANSCRIPTS_DIR}/")
@@ -414,7 +424,11 @@ def play_games(argv: list[str]) -> int:
               "same command again to play them all", file=sys.stderr)
         return stop.exit_code
     if args.push_to_hub:
-        dataset.push_to_hub(args.push_to_hub)
+        try:
+            dataset.push_to_hub(args.push_to_hub)
+        except Exception as error:  # noqa: BLE001 - network, auth, quota: the saved outputs can be pushed later
+            print(f"error: {push_failure_message(args.output_dir, args.push_to_hub, error)}", file=sys.stderr)
+            return 1
         print(f"pushed the transcripts to https://huggingface.co/datasets/{args.push_to_hub}")
     return 0
 

@@ -16,11 +16,17 @@ the commands it has sent so far; a waiting slot has neither); `load_state_dict` 
 games, seed and group size restarts each game and replays those commands, which puts a deterministic game back
 exactly where it was: a resumed training run then continues the episodes of the interrupted one.
 
+A game that fails while playing (its process dies or hangs, TextWorld raises, or the emulator reports a runtime
+error) is a crash: the step's result says `crashed`, the episode is truncated there, a fresh process replaces the
+old one and the slot moves on; each crashing game is reported once, in one warning line. A game that fails to start
+raises GameProcessError, naming it; `start_failures` starts each game of a list once, to check them up front.
+
 Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each
 slot to move on alone; and a worker that dies or hangs must be replaced without losing the others.
 """
 
 import multiprocessing as mp
+import os
 import random
 import signal
 import sys
@@ -28,6 +34,13 @@ import types
 from dataclasses import dataclass
 
 STEP_TIMEOUT_S = 60.0
+# What the Z-machine emulator (Jericho's frotz) answers instead of the game's text once the story file breaks down
+# at run time, e.g. a file damaged past its header: the game is no longer being played.
+EMULATOR_FAILURES = ("Emulator halted due to runtime error.", "This is normally fatal.", "Fatal error:")
+
+
+class GameProcessError(RuntimeError):
+    """A game that cannot be played: it does not start, or keeps crashing its process; the message names it."""
 
 
 @dataclass
@@ -60,7 +73,7 @@ class StepResult:
     state: GameState  # right after the command: the final state when the episode ended
     # The state to act on next: a new episode's after an auto-reset, None when idle or waiting for its group.
     next_state: GameState | None
-    crashed: bool = False
+    crashed: bool = False  # the game's process died or hung, or the game failed (EMULATOR_FAILURES): truncated here
     invalid: bool = False  # the command was not among the admissible ones
 
     @property
@@ -100,9 +113,26 @@ def _pack(game_state, done: bool) -> dict:
     }
 
 
+def emulator_failure(observation: str) -> str | None:
+    """The line of `observation` where the emulator reports it broke down (EMULATOR_FAILURES), else None."""
+    for line in observation.splitlines():
+        if any(failure in line for failure in EMULATOR_FAILURES):
+            return line.strip()
+    return None
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
 def _worker(conn) -> None:
     """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None) or until
-    the parent is gone."""
+    the parent is gone.
+
+    A request the game cannot answer (it does not load, raises, or its emulator breaks down) is answered with
+    {'error': one line}: the parent decides what it means and reports it once, instead of every worker dying with a
+    traceback on stderr.
+    """
     # Ctrl-C in a terminal reaches the whole process group: the parent stops its games itself (close(), or the
     # termination of daemonic children at its exit), so a worker must not die with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -117,15 +147,23 @@ def _worker(conn) -> None:
             break
         if request == "close":
             break
-        if request == "reset":
-            if argument != loaded:
-                if env is not None:
-                    env.close()
-                env, loaded = textworld.start(argument, infos), argument
-            conn.send(_pack(env.reset(), False))
-        elif request == "step":
-            game_state, _, done = env.step(argument)
-            conn.send(_pack(game_state, done))
+        try:
+            if request == "reset":
+                if argument != loaded:
+                    if env is not None:
+                        env.close()
+                    env, loaded = None, None  # a game that fails to load leaves nothing loaded
+                    env, loaded = textworld.start(argument, infos), argument
+                answer = _pack(env.reset(), False)
+            else:
+                game_state, _, done = env.step(argument)
+                answer = _pack(game_state, done)
+            failure = emulator_failure(answer["observation"])
+            if failure is not None:
+                answer = {"error": f"the Z-machine emulator failed: {failure}"}
+        except Exception as error:  # noqa: BLE001 - whatever the game raises is its failure, sent to the parent
+            answer = {"error": _one_line(error)}
+        conn.send(answer)
     if env is not None:
         env.close()
     conn.close()
@@ -178,6 +216,46 @@ class _Worker:
         self.conn.close()
 
 
+def _context():
+    """forkserver processes that import TextWorld once, in the server, not in every worker."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(["textworld"])
+    return context
+
+
+def _close_all(workers: list[_Worker]) -> None:
+    for worker in workers:  # all asked first, so that they shut down in parallel
+        worker.send("close", None)
+    for worker in workers:
+        worker.process.join(timeout=5)
+        worker.kill()
+
+
+def start_failures(games: list[str], timeout: float = STEP_TIMEOUT_S) -> dict[str, str]:
+    """Start every game and look around once (a reset and a `look` on a worker process, a few games in parallel):
+    {game: why it failed, one line} for the games that fail, empty when all play."""
+    context = _context()
+    workers = [_Worker(context) for _ in range(min(len(games), os.cpu_count() or 1))]
+    failures = {}
+    try:
+        for first in range(0, len(games), len(workers)):
+            playing = list(zip(workers, games[first:first + len(workers)]))
+            for request, argument in (("reset", None), ("step", "look")):
+                for worker, game in playing:
+                    worker.send(request, game if argument is None else argument)
+                for worker, game in playing:
+                    answer = worker.receive(timeout)
+                    if answer is None:
+                        failures[game] = f"its process died or hung (no answer within {timeout:.0f} s)"
+                        worker.restart()
+                    elif "error" in answer:
+                        failures[game] = answer["error"]
+                playing = [(worker, game) for worker, game in playing if game not in failures]
+    finally:
+        _close_all(workers)
+    return failures
+
+
 class BatchEnv:
     """B TextWorld games in parallel processes with auto-reset, step limits and crash recovery.
 
@@ -228,8 +306,8 @@ class BatchEnv:
         self._assigned: list[tuple[int, str] | None] = [None] * num_envs  # None: idle or waiting for its group
         self._states: list[GameState | None] = [None] * num_envs
         self._commands: list[list[str]] = [[] for _ in range(num_envs)]  # sent in each slot's current episode
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload(["textworld"])
+        self.crashes: dict[str, str] = {}  # game -> why it first crashed; each is reported once
+        context = _context()
         self._workers = [_Worker(context) for _ in range(num_envs)]
 
     def _game_for_episode(self, episode: int) -> str:
@@ -273,14 +351,17 @@ class BatchEnv:
         for slot in pending:
             self._workers[slot].send("reset", self._assigned[slot][1])
         for slot in pending:
+            game = self._assigned[slot][1]
             packed = self._workers[slot].receive(self.step_timeout)
             while packed is None:  # a game that cannot even start on a fresh process is broken: raise then
                 self._workers[slot].restart()
                 self.restarts += 1
                 if self.restarts > 10 * self.num_envs:
-                    raise RuntimeError(f"game {self._assigned[slot][1]} keeps crashing its process on reset")
-                self._workers[slot].send("reset", self._assigned[slot][1])
+                    raise GameProcessError(f"game {game} keeps crashing its process on reset")
+                self._workers[slot].send("reset", game)
                 packed = self._workers[slot].receive(self.step_timeout)
+            if "error" in packed:  # the game itself fails to start: the same again on every try
+                raise GameProcessError(f"game {game} cannot start: {packed['error']}")
             self._states[slot] = self._state(slot, packed, 0)
         for slot in slots:
             self._commands[slot] = []
@@ -337,8 +418,11 @@ class BatchEnv:
             self._workers[slot].send("step", commands[slot])
         for slot in slots:
             packed = self._workers[slot].receive(self.step_timeout)
-            if packed is None:
-                raise RuntimeError(f"game {self._assigned[slot][1]} crashed while replaying its saved commands")
+            if packed is None or "error" in packed:
+                reason = "its process died or hung" if packed is None else packed["error"]
+                raise GameProcessError(
+                    f"game {self._assigned[slot][1]} crashed while replaying its saved commands: {reason}"
+                )
             self._states[slot] = self._state(slot, packed, self._states[slot].steps + 1)
             self._commands[slot].append(commands[slot])
 
@@ -356,9 +440,11 @@ class BatchEnv:
         for slot in moving:
             before = self._states[slot]
             packed = self._workers[slot].receive(self.step_timeout)
-            crashed = packed is None
+            crashed = packed is None or "error" in packed
             if crashed:
-                # The process died or hung: replace it; the episode ends truncated where it stood.
+                # The process died or hung, or the game failed: a fresh process replaces it, and the episode ends
+                # truncated where it stood.
+                self._report_crash(before.game, "its process died or hung" if packed is None else packed["error"])
                 self._workers[slot].restart()
                 self.restarts += 1
                 after = GameState(**{**before.__dict__, "steps": before.steps + 1})
@@ -390,12 +476,15 @@ class BatchEnv:
             results[slot].next_state = self._states[slot]
         return results
 
+    def _report_crash(self, game: str, reason: str) -> None:
+        """One warning line per game, the first time it crashes (a broken game may crash every episode)."""
+        if game not in self.crashes:
+            self.crashes[game] = reason
+            print(f"warning: game {game} crashed ({reason}): its episode is cut short and counted as crashed, and "
+                  "the game restarts on a fresh process", file=sys.stderr)
+
     def close(self) -> None:
-        for worker in self._workers:
-            worker.send("close", None)
-        for worker in self._workers:
-            worker.process.join(timeout=5)
-            worker.kill()
+        _close_all(self._workers)
 
     def __enter__(self):
         return self

@@ -5,9 +5,13 @@ plays game k % len(games), so every game gets the same share of episodes whateve
 run each rank plays the episodes of its games (BatchEnv splits games by rank) and `merge_reports` of the gathered
 per-rank reports gives the same report as one process would.
 
-Report keys: agent, episodes, normalized_score (mean of final score / max score), win_rate, mean_steps (turns per episode),
-invalid_rate (non-admissible commands / commands), mean_score, and `games`, one dict per game with the same
-metrics. Metrics of a game (or a rank) without episodes are None.
+Report keys: agent, episodes, crashed, normalized_score (mean of final score / max score), win_rate, mean_steps (turns
+per episode), invalid_rate (non-admissible commands / commands), mean_score, and `games`, one dict per game with the
+same metrics. Metrics of a game (or a rank) without episodes are None.
+
+A crashed episode (its game's process died or hung, or the game failed: lib.env's StepResult.crashed) says nothing
+about the agent: it is counted under `crashed` and left out of `episodes` and of every metric, rather than counted
+as an episode played to a 0% score. The table shows a `crashed` column when there is one.
 
 Transcripts: one dict per turn with game, episode (global number), turn (1 = the episode's first command), prompt (the
 prompt text; the cleaned observation for agents that read no prompts), response (the agent's raw text), command,
@@ -29,6 +33,7 @@ from lib.stopping import Stopped
 
 GAME_METRICS = ("normalized_score", "win_rate", "mean_steps", "invalid_rate")
 TABLE_COLUMNS = ("episodes", "norm score", "win rate", "steps", "invalid")
+CRASHED_COLUMN = "crashed"
 
 
 @dataclass
@@ -37,16 +42,21 @@ class EvalResult:
     transcripts: list[dict]  # one dict per turn, see the module docstring
 
 
-def episode_record(game: str, score: int, max_score: int, won: bool, steps: int, invalid: int) -> dict:
-    return {"game": game, "score": score, "max_score": max_score, "won": won, "steps": steps, "invalid": invalid}
+def episode_record(game: str, score: int, max_score: int, won: bool, steps: int, invalid: int,
+                   crashed: bool = False) -> dict:
+    return {"game": game, "score": score, "max_score": max_score, "won": won, "steps": steps, "invalid": invalid,
+            "crashed": crashed}
 
 
-def _metrics(episodes: list[dict]) -> dict:
+def _metrics(records: list[dict]) -> dict:
+    episodes = [e for e in records if not e.get("crashed")]
+    crashed = len(records) - len(episodes)
     if not episodes:
-        return {"episodes": 0, **dict.fromkeys(GAME_METRICS)}
+        return {"episodes": 0, "crashed": crashed, **dict.fromkeys(GAME_METRICS)}
     commands = sum(e["steps"] for e in episodes)
     return {
         "episodes": len(episodes),
+        "crashed": crashed,
         # A game without points (max_score 0) counts as fully solved only when won.
         "normalized_score": sum(e["score"] / e["max_score"] if e["max_score"] else float(e["won"]) for e in episodes)
         / len(episodes),
@@ -59,7 +69,8 @@ def _metrics(episodes: list[dict]) -> dict:
 def summarize_episodes(episodes: list[dict], agent: str, games: list[str]) -> dict:
     """Per-episode records (see `episode_record`) -> the report; `games` (names) fixes the per-game rows' order."""
     overall = _metrics(episodes)
-    mean_score = sum(e["score"] for e in episodes) / len(episodes) if episodes else None
+    played = [e["score"] for e in episodes if not e.get("crashed")]
+    mean_score = sum(played) / len(played) if played else None
     rows = [{"game": name, **_metrics([e for e in episodes if e["game"] == name])} for name in dict.fromkeys(games)]
     return {"agent": agent, **overall, "mean_score": mean_score, "games": rows}
 
@@ -72,7 +83,7 @@ def _weighted_mean(values: list, weights: list[float]) -> float | None:
 
 def _merge_metrics(parts: list[dict]) -> dict:
     episodes = [p["episodes"] for p in parts]
-    merged = {"episodes": sum(episodes)}
+    merged = {"episodes": sum(episodes), "crashed": sum(p.get("crashed", 0) for p in parts)}
     for key in ("normalized_score", "win_rate", "mean_steps"):
         merged[key] = _weighted_mean([p[key] for p in parts], episodes)
     # The invalid rate is per command: weight each part by its number of commands (episodes * mean steps).
@@ -110,8 +121,10 @@ def _format(value, percent: bool) -> str:
 
 
 def format_report_table(report: dict) -> str:
-    """A fixed-width table: one row per game, then the overall row (labelled partial for a report marked so)."""
-    rows = [("game", *TABLE_COLUMNS)]
+    """A fixed-width table: one row per game, then the overall row (labelled partial for a report marked so); a
+    `crashed` column when an episode crashed."""
+    with_crashes = bool(report.get("crashed"))
+    rows = [("game", *TABLE_COLUMNS, *[CRASHED_COLUMN] * with_crashes)]
     overall = f"all ({report['agent']}, partial)" if report.get("partial") else f"all ({report['agent']})"
     for part in report["games"] + [{**report, "game": overall}]:
         rows.append((
@@ -121,6 +134,7 @@ def format_report_table(report: dict) -> str:
             _format(part["win_rate"], percent=True),
             _format(part["mean_steps"], percent=False),
             _format(part["invalid_rate"], percent=True),
+            *[str(part.get("crashed", 0))] * with_crashes,
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -235,7 +249,8 @@ def evaluate(
                 if result.done:
                     finished.add(episode_ids[after.episode])
                     episodes.append(episode_record(
-                        game_name(after.game), after.score, after.max_score, after.won, after.steps, invalid[slot]
+                        game_name(after.game), after.score, after.max_score, after.won, after.steps, invalid[slot],
+                        result.crashed,
                     ))
                     histories[slot], invalid[slot] = [], 0
                     bar.update()

@@ -7,9 +7,13 @@ A game source (the `--train_games` / `--eval_games` flags) is one of:
   - existing game files: a `.z8` / `.ulx` path, a folder of them, or a glob; several joined by commas.
 
 Generated games are cached under `cache_dir/KIND/OPTIONS/seed-N.z8`, so a rerun with the same settings reuses them.
+Every game a source resolves to is started once for real (see check_games_start) before anything uses it; the games
+that started are remembered by their bytes' hash in `cache_dir/started-games.json`, so a rerun checks nothing again.
 """
 
 import glob
+import hashlib
+import json
 import os
 import shutil
 import struct
@@ -22,7 +26,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lib.env import start_failures
+
 GAME_SUFFIXES = (".z8", ".ulx")
+# What TextWorld reads from a game's .json to start it: its Game.deserialize raises a bare KeyError without one.
+GAME_JSON_KEYS = ("world", "grammar", "quests", "infos", "KB")
+STARTED_GAMES_FILE = "started-games.json"
 
 # Options tw-make accepts per kind: name -> (type, allowed values or (min, max) range, or None for flags).
 GAME_KINDS = {
@@ -239,12 +248,80 @@ def check_game_file(path: Path) -> Path:
         declared = struct.unpack(">I", data[12:16])[0]
     if declared and len(data) < declared:
         raise GameError(f"{path} is corrupt: truncated to {len(data)} of {declared} bytes; regenerate or re-download it")
-    if not path.with_suffix(".json").exists():
+    check_game_json(path)
+    return path
+
+
+def check_game_json(path: Path) -> None:
+    """Raise GameError unless the game's .json sidecar is a JSON object with what TextWorld reads (GAME_JSON_KEYS)."""
+    sidecar = path.with_suffix(".json")
+    if not sidecar.exists():
         raise GameError(
-            f"{path} has no {path.with_suffix('.json').name} beside it: TextWorld needs the game's .json "
+            f"{path} has no {sidecar.name} beside it: TextWorld needs the game's .json "
             "(written by tw-make) for admissible commands and scores"
         )
-    return path
+    fix = "regenerate the game (tw-make writes both files) or restore the file"
+    text = sidecar.read_bytes()
+    if not text.strip():
+        raise GameError(f"{sidecar} is empty; {fix}")
+    try:
+        data = json.loads(text)
+    except ValueError as error:  # UnicodeDecodeError is one too
+        raise GameError(f"{sidecar} is not valid JSON ({error}); {fix}") from None
+    if not isinstance(data, dict):
+        raise GameError(f"{sidecar} holds a JSON {type(data).__name__}, not a TextWorld game's object; {fix}")
+    missing = [key for key in GAME_JSON_KEYS if key not in data]
+    if missing:
+        raise GameError(
+            f"{sidecar} lacks {', '.join(map(repr, missing))}, which TextWorld needs to start the game; {fix}"
+        )
+
+
+def game_hash(path: str | Path) -> str:
+    """sha256 of a game's story file and its .json: the same hash, the same game."""
+    digest = hashlib.sha256(Path(path).read_bytes())
+    digest.update(Path(path).with_suffix(".json").read_bytes())
+    return digest.hexdigest()
+
+
+def check_games_start(games: list[str], cache_dir: Path) -> None:
+    """Start every distinct game once (lib.env.start_failures: a reset and a `look`), unless a game with the same
+    bytes has started before; raises GameError naming the first that fails, with the reason in one line.
+
+    Header and .json checks cannot see a story file damaged inside, or a .json TextWorld reads differently: only
+    starting the game does, and it costs a second per game on a fresh process. The games that started are
+    remembered by hash in cache_dir/STARTED_GAMES_FILE, so checking them again costs only the hashing.
+    """
+    record = Path(cache_dir) / STARTED_GAMES_FILE
+    started = _read_started_games(record)
+    by_hash = {game_hash(game): str(game) for game in games}  # distinct games: one path each
+    unchecked = {digest: game for digest, game in by_hash.items() if digest not in started}
+    if not unchecked:
+        return
+    failures = start_failures(list(unchecked.values()))
+    started.update({digest: game for digest, game in unchecked.items() if game not in failures})
+    _write_started_games(record, started)
+    if failures:
+        game, reason = next(iter(failures.items()))
+        others = f" (and {len(failures) - 1} more games fail)" if len(failures) > 1 else ""
+        raise GameError(f"{game} does not start in TextWorld ({reason}){others}: regenerate it or pass another file")
+
+
+def _read_started_games(record: Path) -> dict[str, str]:
+    """{hash: path} of the games that started; a missing or unreadable record is an empty one (it is only a cache)."""
+    try:
+        started = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return {}
+    return started if isinstance(started, dict) else {}
+
+
+def _write_started_games(record: Path, started: dict[str, str]) -> None:
+    """Written beside the target and renamed: processes checking at the same time never read half a file."""
+    record.parent.mkdir(parents=True, exist_ok=True)
+    staging = record.with_name(f".{record.name}.{os.getpid()}")
+    staging.write_text(json.dumps(started))
+    os.replace(staging, record)
 
 
 def find_game_files(source: str) -> list[Path]:
@@ -291,7 +368,8 @@ def _kind_of(item: str) -> str:
 
 
 def resolve_games(source: str, split: str, cache_dir: Path | None = None, progress: bool = True) -> list[str]:
-    """Turn a game source (see module docstring) into a list of checked game files, generating as needed."""
+    """Turn a game source (see module docstring) into a list of checked game files, generating as needed; every
+    game has started once (check_games_start)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -304,6 +382,7 @@ def resolve_games(source: str, split: str, cache_dir: Path | None = None, progre
             files += generate_games([parse_spec(item)], split, cache_dir, progress)
         else:
             files += find_game_files(item)
+    check_games_start(files, cache_dir)
     return [str(p) for p in files]
 
 
@@ -320,14 +399,18 @@ def would_generate(source: str, split: str, cache_dir: Path) -> bool:
     return False
 
 
-def check_game_source(source: str) -> None:
-    """Validate a game source without generating anything, so bad flags fail before any model is loaded."""
+def check_game_source(source: str, cache_dir: Path | None = None) -> None:
+    """Validate a game source without generating anything, so bad flags fail before any model is loaded: existing
+    game files are started once for real (check_games_start, remembered in `cache_dir`)."""
+    files = []
     for item in _items(source):
         kind = _kind_of(item)
         if kind == "spec":
             parse_spec(item)
         elif kind == "files":
-            find_game_files(item)
+            files += find_game_files(item)
+    if files:
+        check_games_start(files, Path(cache_dir) if cache_dir is not None else default_cache_dir())
 
 
 def game_name(path: str) -> str:

@@ -14,6 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lib.checkpoints import safetensors_problem
+from lib.hub import hub_unreachable_reason, is_cached_model, work_offline
+
 DEFAULT_MODEL = "packaged:SmolLM2-135M-Instruct"
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,7 +54,8 @@ def newest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def resolve_model(name: str) -> tuple[str, str | None]:
-    """`--model_name_or_path` -> (what `from_pretrained` takes, gguf file name or None)."""
+    """`--model_name_or_path` -> (what `from_pretrained` takes, gguf file name or None). A local folder's weights
+    must be whole (check_weight_files); a Hub id must be reachable or cached (check_hub_model)."""
     if name == DEFAULT_MODEL:
         return packaged_gguf()
     path = Path(name)
@@ -60,17 +64,39 @@ def resolve_model(name: str) -> tuple[str, str | None]:
             raise ModelError(f"GGUF file not found: {path}")
         return str(path.parent), path.name
     if path.is_dir():
-        if (path / "config.json").exists():
-            return str(path), None
-        checkpoint = newest_checkpoint(path)
-        if checkpoint is not None:
-            return str(checkpoint), None
-        raise ModelError(f"{path} holds no model: no config.json and no {CHECKPOINTS_DIR}/checkpoint-N inside")
+        folder = path if (path / "config.json").exists() else newest_checkpoint(path)
+        if folder is None:
+            raise ModelError(f"{path} holds no model: no config.json and no {CHECKPOINTS_DIR}/checkpoint-N inside")
+        check_weight_files(folder)
+        return str(folder), None
     if path.exists():
         raise ModelError(f"{path} is a file, not a model folder, a .gguf file or a model id")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelError(f"--model_name_or_path: model folder not found: {name}; pass an existing folder, a .gguf file or a hub id")
+        raise ModelError(f"model folder not found: {name}; pass an existing folder, a .gguf file or a hub id")
+    check_hub_model(name)
     return name, None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Raise ModelError naming the file when a safetensors file of a model folder is truncated or not one: found
+    from its header, before any weight loads."""
+    for path in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(path)
+        if problem is not None:
+            raise ModelError(f"{path} is not a complete safetensors file ({problem}); save the model again or pass "
+                             "another folder")
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A Hub model id works when the Hub answers (a missing repo is then named by from_pretrained), or when the model
+    is in the local cache: the process then works offline, not retrying the Hub for every file. Else ModelError."""
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return
+    if not is_cached_model(repo_id):
+        raise ModelError(f"{repo_id!r} is no local folder or file, and the Hugging Face Hub is unreachable ({reason}) "
+                         "with no copy of it in the local cache: pass a local model folder, or rerun online")
+    work_offline()
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):

@@ -42,15 +42,25 @@ from lib.arguments import (
     check_report_to,
     parse_arguments,
 )
+from lib.checkpoints import (
+    CheckpointError,
+    check_training_state,
+    read_json_object,
+    write_plain_deepspeed_checkpoints,
+)
+from lib.env import GameProcessError
 from lib.evaluation import evaluate, merge_reports
 from lib.games import GameError, check_game_source, resolve_games
+from lib.hub import check_push_flag, push_failure_message, push_model_folder
 from lib.models import (
     CHECKPOINTS_DIR,
     DEFAULT_MODEL,
     DTYPES,
+    ModelError,
     load_model,
     load_tokenizer,
     newest_checkpoint,
+    resolve_model,
     save_model,
 )
 from lib.prompts import PromptConfig, check_prompt_budget
@@ -130,9 +140,15 @@ def check_run_arguments(run: RunArguments, world_size: int) -> None:
         raise ValueError(f"--dtype {run.dtype!r} is unknown; choose one of {', '.join(DTYPES)}")
     check_report_to(run.report_to)
     check_push_to_hub(run.push_to_hub)
+    if run.push_to_hub is not None:
+        check_push_flag(run.push_to_hub)
+    try:
+        resolve_model(run.model_name_or_path)
+    except ModelError as error:
+        raise ValueError(f"--model_name_or_path: {error}") from None
     for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
         try:
-            check_game_source(source)
+            check_game_source(source, run.games_dir)
         except GameError as error:
             raise ValueError(f"{flag}: {error}") from None
 
@@ -208,10 +224,10 @@ _current_run = None
 
 
 def main_or_exit(main: Callable[[list[str]], None]) -> None:
-    """A script's `__main__`: run main(sys.argv[1:]). A diverged run ends with one `error:` line, not a traceback; so
-    does SIGINT (Ctrl-C) or SIGTERM, on every process of a launch: the step in flight is dropped, the checkpoints
-    and rollouts written so far stay (each is written whole), the game processes end with the interpreter (daemonic
-    children), and the exit code is 128 + the signal's number (130, 143)."""
+    """A script's `__main__`: run main(sys.argv[1:]). A diverged run or a game that cannot be played ends with one
+    `error:` line, not a traceback; so does SIGINT (Ctrl-C) or SIGTERM, on every process of a launch: the step in
+    flight is dropped, the checkpoints and rollouts written so far stay (each is written whole), the game processes
+    end with the interpreter (daemonic children), and the exit code is 128 + the signal's number (130, 143)."""
     with stop_signals_raise():
         try:
             main(sys.argv[1:])
@@ -222,7 +238,7 @@ def main_or_exit(main: Callable[[list[str]], None]) -> None:
             if line:
                 print(line, file=sys.stderr)
             sys.exit(stop.exit_code)
-        except NonFiniteError as error:  # raised on every process alike; the checkpoints written stay as they are
+        except (NonFiniteError, GameProcessError) as error:  # the checkpoints written so far stay as they are
             sys.exit(f"error: {error}")
 
 
@@ -403,7 +419,8 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
 
     Its trainer_state.json must hold `step_key` (the script's step: iteration, round) below `last_step`, the value of
     `last_step_flag`; it must come from a run with the same values of the RESUME_MUST_MATCH flags (`arguments`) and
-    the same number of processes. Raises ValueError naming the flag otherwise.
+    the same number of processes; and the files a resume reads must be whole and load safely
+    (check_checkpoint_files). Raises ValueError naming the flag or the file otherwise.
     """
     if resume_from_checkpoint is None:
         return None
@@ -417,12 +434,12 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     if not (folder / TRAINING_STATE_DIR).is_dir() or not (folder / TRAINER_STATE_FILE).is_file():
         raise ValueError(f"--resume_from_checkpoint {folder}: not a training checkpoint (no {TRAINING_STATE_DIR}/); "
                          f"pass a {CHECKPOINTS_DIR}/checkpoint-N folder or `latest`")
-    state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+    state = read_checkpoint_json(folder, TRAINER_STATE_FILE)
+    saved = read_checkpoint_json(folder, ARGS_FILE) if (folder / ARGS_FILE).exists() else {}
     if step_key not in state:
         raise ValueError(f"--resume_from_checkpoint {folder}: written by another script (no {step_key!r} in {TRAINER_STATE_FILE})")
     if state[step_key] >= last_step:
         raise ValueError(f"{last_step_flag} {last_step}: {folder} already finished {step_key} {state[step_key]}; raise it to continue")
-    saved = json.loads((folder / ARGS_FILE).read_text()) if (folder / ARGS_FILE).is_file() else {}
     # Checkpoints written before a flag was renamed, or before it existed, ran with its old name or its default.
     saved = {DEPRECATED_FLAGS.get(key, key): value for key, value in saved.items()}
     if saved:
@@ -438,7 +455,32 @@ def find_resume_checkpoint(resume_from_checkpoint: str | None, output_dir: str, 
     if state.get("num_processes", world_size) != world_size:
         raise ValueError(f"--resume_from_checkpoint {folder} was written by {state['num_processes']} processes, this "
                          f"launch has {world_size}: resume with the same number of processes")
+    check_checkpoint_files(folder, world_size)
     return folder
+
+
+def refused_checkpoint(folder: Path, error: CheckpointError) -> ValueError:
+    return ValueError(f"--resume_from_checkpoint {folder}: {error}; resume from another checkpoint")
+
+
+def read_checkpoint_json(folder: Path, name: str) -> dict:
+    try:
+        return read_json_object(folder / name)
+    except CheckpointError as error:
+        raise refused_checkpoint(folder, error) from None
+
+
+def check_checkpoint_files(folder: Path, world_size: int) -> None:
+    """The rest of what a resume reads: a process_state-P.json for each process when the script writes them, and a
+    complete training_state/ whose every file loads safely (lib.checkpoints); ValueError naming the file otherwise."""
+    try:
+        if any(folder.glob("process_state-*.json")):  # a script that writes them needs every process's
+            for rank in range(world_size):
+                read_json_object(process_state_file(folder, rank))
+        deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"  # set by accelerate launch
+        check_training_state(folder / TRAINING_STATE_DIR, world_size, deepspeed)
+    except CheckpointError as error:
+        raise refused_checkpoint(folder, error) from None
 
 
 def process_state_file(folder: Path, rank: int) -> Path:
@@ -446,8 +488,9 @@ def process_state_file(folder: Path, rank: int) -> Path:
 
 
 def load_process_state(folder: Path, rank: int) -> dict:
-    """What save_checkpoint wrote for this process (its environments and histories), as data."""
-    return json.loads(process_state_file(folder, rank).read_text())
+    """What save_checkpoint wrote for this process (its environments and histories), as data (checked readable by
+    check_checkpoint_files)."""
+    return read_json_object(process_state_file(folder, rank))
 
 
 def check_output_dir(output_dir: str, resume_folder: Path | None, overwrite_output_dir: bool) -> None:
@@ -523,7 +566,9 @@ def eval_metrics(report: dict | None) -> dict:
 def describe(report: dict | None) -> str:
     if not report:
         return "not evaluated"
-    return f"normalized score {report['normalized_score']:.3f}, win rate {report['win_rate']:.3f}, invalid rate {report['invalid_rate']:.3f}"
+    crashed = f" ({report['crashed']} crashed episodes left out)" if report.get("crashed") else ""
+    return (f"normalized score {report['normalized_score']:.3f}, win rate {report['win_rate']:.3f}, invalid rate "
+            f"{report['invalid_rate']:.3f}{crashed}")
 
 
 def evaluation_table(evals: dict) -> list[str]:
@@ -608,19 +653,14 @@ def save_final_model(accelerator, model, tokenizer, output_dir: Path, card: str,
     accelerator.wait_for_everyone()
 
 
+# What a push leaves out of output_dir: the model repo gets the final model only (the rollouts go as a dataset).
+NOT_PUSHED = [f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*", LOCK_FILE, MARKER_FILE]
+
+
 def push_to_hub(repo_id: str, output_dir: Path, dataset) -> None:
     """The final model (output_dir without checkpoints, rollouts and logs) to the model repo `repo_id`, and `dataset`
     to the dataset repo of the same name (main process only)."""
-    from huggingface_hub import HfApi
-
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(
-        repo_id=repo_id, folder_path=str(output_dir),
-        ignore_patterns=[f"{CHECKPOINTS_DIR}/*", f"{ROLLOUTS_DIR}/*", f"{LOG_DIR}/*", ".tmp-*", LOCK_FILE,
-                         MARKER_FILE],
-    )
-    dataset.push_to_hub(repo_id)
+    push_model_folder(repo_id, output_dir, NOT_PUSHED, dataset)
 
 
 def model_card(run: RunArguments, *, title: str, tags: list[str], description: str, evals: dict, action_mode: str,
@@ -723,6 +763,8 @@ class TrainingRun:
         """(model, optimizer, reference) ready for the launch's devices and DeepSpeed config; the model in eval mode
         (dropout, if any, only while updating)."""
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.accelerator.state.deepspeed_plugin is not None:  # its own checkpoint files would need a full unpickler
+            write_plain_deepspeed_checkpoints(model)
         model.eval()
         return model, optimizer, None if ref_model is None else prepare_reference(ref_model, self.accelerator)
 
@@ -733,7 +775,7 @@ class TrainingRun:
             self.accelerator.load_state(str(self.resume_folder / TRAINING_STATE_DIR))
             for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
                 group["lr"] = learning_rate
-            self.state = json.loads((self.resume_folder / TRAINER_STATE_FILE).read_text())
+            self.state = read_json_object(self.resume_folder / TRAINER_STATE_FILE)
             self.state["eval_held_out"] = self.held_out  # --eval_games may change on resume
             self.wall_time_before = self.state["wall_time_s"]
             self.accelerator.print(f"resumed from {self.resume_folder} at {self.step_key} {self.state[self.step_key]}")
@@ -821,16 +863,23 @@ class TrainingRun:
         )
 
     def finish(self, model, tokenizer, card: str, checkpoint: Path | None, rollouts: Callable | None = None) -> None:
-        """The final model at output_dir's root, the Hub upload (model, and the dataset `rollouts()` loads), the closing
-        summary, the trackers closed."""
+        """The final model at output_dir's root, the closing summary, then the Hub upload (model, and the dataset
+        `rollouts()` loads), the trackers closed. A failed upload loses nothing: the run then ends with one `error:`
+        line that gives the command pushing the saved outputs later."""
         save_final_model(self.accelerator, model, tokenizer, self.output_dir, card, self.arguments)
-        if self.run.push_to_hub and self.accelerator.is_main_process:
-            push_to_hub(self.run.push_to_hub, self.output_dir, rollouts())
         evaluation = "held-out eval" if self.held_out else "eval (not held out: it shares games with training)"
         self.accelerator.print(
             f"{evaluation} on {self.run.eval_games} ({self.run.eval_episodes} episodes, greedy):\n"
             + "".join(f"  {EVAL_LABELS.get(name, name) + ':':<19}{describe(report)}\n" for name, report in self.evals.items())
             + f"model: {self.output_dir} (checkpoint: {checkpoint})"
         )
+        push_error = None
+        if self.run.push_to_hub and self.accelerator.is_main_process:
+            try:
+                push_to_hub(self.run.push_to_hub, self.output_dir, rollouts())
+            except Exception as error:  # noqa: BLE001 - network, auth, quota: all leave the outputs to push later
+                push_error = push_failure_message(self.output_dir, self.run.push_to_hub, error)
         self.accelerator.end_training()
         release_output_dirs()
+        if push_error is not None:
+            sys.exit(f"error: {push_error}")

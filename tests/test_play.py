@@ -74,9 +74,9 @@ def test_summarize_episodes_per_game_and_overall():
     assert report["mean_score"] == 0.5
     rows = {row["game"]: row for row in report["games"]}
     assert list(rows) == ["a", "b", "c", "d"]
-    assert rows["a"] == {"game": "a", "episodes": 2, "normalized_score": 0.5, "win_rate": 0.5, "mean_steps": 6.0,
-                         "invalid_rate": 5 / 12}
-    assert rows["d"] == {"game": "d", "episodes": 0, **dict.fromkeys(METRICS)}
+    assert rows["a"] == {"game": "a", "episodes": 2, "crashed": 0, "normalized_score": 0.5, "win_rate": 0.5,
+                         "mean_steps": 6.0, "invalid_rate": 5 / 12}
+    assert rows["d"] == {"game": "d", "episodes": 0, "crashed": 0, **dict.fromkeys(METRICS)}
     table = format_report_table(report)
     lines = table.splitlines()
     assert lines[0].split() == ["game", "episodes", "norm", "score", "win", "rate", "steps", "invalid"]
@@ -277,6 +277,7 @@ def test_play_walkthrough_from_yaml_wins_every_game(small_games, tmp_path):
 def test_play_model_agent(tiny_model_path, tiny_games, tmp_path, capsys, monkeypatch):
     pushed = []
     monkeypatch.setattr(play.Dataset, "push_to_hub", lambda dataset, repo_id: pushed.append((repo_id, len(dataset))))
+    monkeypatch.setattr(play, "check_push_flag", lambda repo_id: None)  # no Hub here: pushing is faked
     out = tmp_path / "model"
     code = play.main(["--agent", "model", "--action_mode", "generate", "--model_name_or_path", tiny_model_path,
                       "--games", ",".join(tiny_games), "--num_episodes", "3", "--max_episode_turns", "3",
