@@ -332,7 +332,8 @@ def test_eval_games_shared_with_training_are_not_called_held_out(tiny_games, tmp
         return TrainingRun(run, {}, None, "iteration", 1, started=0.0)
 
     def card(training: TrainingRun) -> str:
-        return model_card(training.run, title="t", tags=["ppo"], description="d", evals={}, held_out=training.held_out)
+        return model_card(training.run, title="t", tags=["ppo"], description="d", evals={}, action_mode="score",
+                          held_out=training.held_out)
 
     # The same file under another spelling of its path is the same game.
     other_spelling = str(Path(tiny_games[1]).parent / ".." / Path(tiny_games[1]).parent.name / Path(tiny_games[1]).name)
