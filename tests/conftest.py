@@ -72,3 +72,14 @@ def small_games(games_cache) -> list[str]:
     from lib.games import resolve_games
 
     return resolve_games("tw-coin_collector:level=2:n=2,tw-treasure_hunter:level=1:n=2", "train", games_cache, progress=False)
+
+
+def write_loadable_training_state(folder: Path) -> None:
+    """The smallest training_state/ a resume accepts (lib.checkpoints.check_training_state, one process, no
+    DeepSpeed): weights, optimizer state and RNG states that load with weights_only=True."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"weight": torch.zeros(2)}, folder / "model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    torch.save({"step": 0}, folder / "random_states_0.pkl")

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import lib.training
 import ppo_textworld
+from conftest import write_loadable_training_state
 from lib.arguments import parse_arguments
 from lib.losses import penalized_rewards, ppo_loss
 from lib.models import load_model
@@ -353,7 +354,7 @@ def test_a_checkpoint_from_before_the_flag_renames_resumes_only_with_its_values(
     from lib.training import find_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
-    (checkpoint / "training_state").mkdir(parents=True)
+    write_loadable_training_state(checkpoint / "training_state")
     (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": 2}))
     (checkpoint / "config.json").write_text("{}")  # a complete checkpoint holds its model
     (checkpoint / "training_args.json").write_text(json.dumps({"max_episode_steps": 12, "seed": 0}))

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_loadable_training_state
 import torch
 from safetensors.torch import load_file
 
@@ -207,13 +208,8 @@ def test_a_half_written_checkpoint_is_never_resumed_from(tmp_path):
     """A crash while saving leaves .tmp-checkpoint-N: `latest` still names the last complete checkpoint."""
     from lib.training import find_resume_checkpoint
 
-    from safetensors.torch import save_file
-
     complete = tmp_path / "checkpoints" / "checkpoint-1"
-    (complete / "training_state").mkdir(parents=True)
-    save_file({"weight": torch.zeros(2)}, complete / "training_state" / "model.safetensors")
-    torch.save({"state": {}, "param_groups": []}, complete / "training_state" / "optimizer.bin")
-    torch.save({"step": 0}, complete / "training_state" / "random_states_0.pkl")
+    write_loadable_training_state(complete / "training_state")
     (complete / "config.json").write_text("{}")
     (complete / "trainer_state.json").write_text(json.dumps({"iteration": 1}))
     (tmp_path / "checkpoints" / ".tmp-checkpoint-2" / "training_state").mkdir(parents=True)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import write_loadable_training_state
 
 import lib.training
 import play
@@ -235,7 +236,7 @@ def test_resuming_a_run_in_its_folder_stays_allowed(tiny_model_path, tiny_games,
     output = tmp_path / "ppo"
     write_user_files(output, USER_FILES)  # the final model of that run, unrecorded
     checkpoint = output / "checkpoints" / "checkpoint-1"
-    (checkpoint / "training_state").mkdir(parents=True)
+    write_loadable_training_state(checkpoint / "training_state")
     (checkpoint / "config.json").write_text("{}")
     (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": 1, "num_processes": 1}))
     monkeypatch.setattr(lib.training, "load_model", reach_model_load)
