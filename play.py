@@ -406,6 +406,8 @@ def play_games(argv: list[str]) -> int:
             progress=args.agent != "human",  # a progress bar would cut into the game text
         )
     except Stopped as stopped:
+        if stopped.finished is None:  # stopped while the games started or closed: main reports it
+            raise
         stop, result = stopped, stopped.finished
     except GameProcessError as error:
         print(f"error: {error}", file=sys.stderr)

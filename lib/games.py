@@ -317,11 +317,15 @@ def _read_started_games(record: Path) -> dict[str, str]:
 
 
 def _write_started_games(record: Path, started: dict[str, str]) -> None:
-    """Written beside the target and renamed: processes checking at the same time never read half a file."""
-    record.parent.mkdir(parents=True, exist_ok=True)
-    staging = record.with_name(f".{record.name}.{os.getpid()}")
-    staging.write_text(json.dumps(started))
-    os.replace(staging, record)
+    """Written beside the target and renamed: processes checking at the same time never read half a file. The record
+    only saves time: a cache that cannot take it (read-only, under a file: the path checks name those) goes without."""
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        staging = record.with_name(f".{record.name}.{os.getpid()}")
+        staging.write_text(json.dumps(started))
+        os.replace(staging, record)
+    except OSError:
+        pass
 
 
 def find_game_files(source: str) -> list[Path]:
@@ -410,7 +414,7 @@ def check_game_source(source: str, cache_dir: Path | None = None) -> None:
         elif kind == "files":
             files += find_game_files(item)
     if files:
-        check_games_start(files, Path(cache_dir) if cache_dir is not None else default_cache_dir())
+        check_games_start(files, Path(cache_dir) if cache_dir else default_cache_dir())
 
 
 def game_name(path: str) -> str:

@@ -127,7 +127,8 @@ class RunArguments:
 
 
 def check_run_arguments(run: RunArguments, world_size: int) -> None:
-    """Raise ValueError naming the flag for a bad value of the shared flags; builds nothing heavy."""
+    """Raise ValueError naming the flag for a bad value of the shared flags; loads no model (game files are started
+    once, lib.games.check_game_source, and a --push_to_hub repo is checked with the Hub)."""
     for name in ("num_envs", "max_episode_turns", "max_nonfinite_updates"):
         if not getattr(run, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(run, name)}")
@@ -228,6 +229,8 @@ def main_or_exit(main: Callable[[list[str]], None]) -> None:
     `error:` line, not a traceback; so does SIGINT (Ctrl-C) or SIGTERM, on every process of a launch: the step in
     flight is dropped, the checkpoints and rollouts written so far stay (each is written whole), the game processes
     end with the interpreter (daemonic children), and the exit code is 128 + the signal's number (130, 143)."""
+    global _current_run
+    _current_run = None  # a run of this call's own, once TrainingRun sets it
     with stop_signals_raise():
         try:
             main(sys.argv[1:])

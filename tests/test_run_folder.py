@@ -387,3 +387,20 @@ def test_play_names_the_training_args_that_set_the_budget(tiny_model_path, tiny_
     assert play.main(["--model_name_or_path", str(trained), "--games", ",".join(tiny_games)]) == 2
     message = capsys.readouterr().err.strip()
     assert message.startswith(f"error: {trained / 'training_args.json'}: --max_prompt_tokens 40 cannot hold")
+
+
+@pytest.mark.parametrize("script", ["ppo", "play"])
+def test_game_files_need_no_writable_games_cache(script, tiny_games, tmp_path, monkeypatch, capsys):
+    """Game files are started once and the success remembered in the games cache, an optimisation only: a cache that
+    cannot take the record (here under a file; a run on game files generates nothing there) must not stop the run
+    with a traceback. play.py plays; PPO gets as far as loading its model."""
+    (tmp_path / "a_file").write_text("a user's file\n")
+    games = ["--games_dir", str(tmp_path / "a_file" / "games")]
+    if script == "play":
+        assert play.main(["--agent", "random", "--games", tiny_games[0], "--max_episode_turns", "2", *games]) == 0
+        assert "error" not in capsys.readouterr().err
+    else:
+        monkeypatch.setattr(lib.training, "load_model", reach_model_load)
+        with pytest.raises(ModelLoadReached):
+            ppo_textworld.main(["--output_dir", str(tmp_path / "out"), "--report_to", "none", "--train_games",
+                                ",".join(tiny_games), "--eval_games", tiny_games[0], *games])
