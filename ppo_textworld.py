@@ -105,7 +105,6 @@ from lib.training import (
     TrainingRun,
     backward_and_step,
     build_optimizer,
-    check_run_arguments,
     frozen_copy,
     load_policy_or_exit,
     main_or_exit,
@@ -172,8 +171,8 @@ REWARD_FN = None
 
 def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHeadArguments, rollout: RolloutArguments,
                     world_size: int) -> None:
-    """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
-    check_run_arguments(run, world_size)
+    """Raise ValueError naming the flag for every bad value or combination of PPO's own flags (parse_or_exit checks
+    the shared ones first); builds nothing heavy."""
     positive = {
         "num_iterations": run.num_iterations, "turns_per_slot": run.turns_per_slot, "ppo_epochs": ppo.ppo_epochs,
         "num_minibatches": ppo.num_minibatches, "gradient_accumulation_steps": ppo.gradient_accumulation_steps,

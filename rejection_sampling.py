@@ -68,7 +68,6 @@ from lib.training import (
     TrainingRun,
     backward_and_step,
     build_optimizer,
-    check_run_arguments,
     frozen_copy,
     gathered_for_evaluation,
     load_policy_or_exit,
@@ -128,8 +127,8 @@ REWARD_FN = None
 
 def check_arguments(run: RSRunArguments, selection: SelectionArguments, finetune: FinetuneArguments,
                     rollout: RolloutArguments, world_size: int) -> None:
-    """Raise ValueError naming the flag for every bad value or combination; builds nothing heavy."""
-    check_run_arguments(run, world_size)
+    """Raise ValueError naming the flag for every bad value or combination of rejection sampling's own flags
+    (parse_or_exit checks the shared ones first); builds nothing heavy."""
     positive = {
         "num_rounds": run.num_rounds, "episodes_per_round": run.episodes_per_round,
         "num_train_epochs": finetune.num_train_epochs, "learning_rate": finetune.learning_rate,

@@ -160,12 +160,14 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
     exits with one `error:` line. Launchers export WORLD_SIZE and RANK before starting the script.
 
     `argument_types`: the script's dataclasses, its RunArguments subclass first; `check(*groups, world_size)` raises
-    ValueError; `step_key` is what the script counts (iteration, round) and `last_step_flag` the flag that ends it.
+    ValueError for the script's own flags (check_run_arguments runs before it); `step_key` is what the script counts
+    (iteration, round) and `last_step_flag` the flag that ends it.
     Returns (groups, arguments: every flag as one flat dict, resume folder or None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         groups = parse_arguments(argument_types, argv)
         check_finite_numbers(groups)
+        check_run_arguments(groups[0], world_size)
         check(*groups, world_size)
         check_no_negative_counts(groups)
         check_run_paths(groups[0])
