@@ -68,7 +68,6 @@ from accelerate.utils import gather_object
 from lib.agents import ModelAgent, ScoringAgent
 from lib.arguments import (
     RolloutArguments,
-    check_rollout_arguments,
     generation_config,
     prompt_config,
     reward_config,
@@ -233,7 +232,6 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
                 f"each minibatch ({per_process // ppo.num_minibatches} turns) must be divisible by "
                 f"--gradient_accumulation_steps {ppo.gradient_accumulation_steps}"
             )
-    check_rollout_arguments(rollout)
 
 
 # ---- BATCHES: the rollout's turns as tensors. Both modes give mask, logprobs, ref_logprobs, values (N, T) (values

@@ -48,7 +48,6 @@ from accelerate.utils import gather_object
 from lib.agents import ModelAgent, ScoringAgent
 from lib.arguments import (
     RolloutArguments,
-    check_rollout_arguments,
     generation_config,
     prompt_config,
     reward_config,
@@ -160,7 +159,6 @@ def check_arguments(run: RSRunArguments, selection: SelectionArguments, finetune
             f"--train_batch_size {finetune.train_batch_size} must be divisible by the number of processes ({world_size}) "
             f"times --gradient_accumulation_steps {finetune.gradient_accumulation_steps}"
         )
-    check_rollout_arguments(rollout)
 
 
 def encode_pairs(turns: list[dict], tokenizer, rollout: RolloutArguments) -> None:

@@ -36,10 +36,12 @@ from lib.agents import RandomAgent
 from lib.arguments import (
     DEPRECATED_FLAGS,
     TRACKERS,
+    RolloutArguments,
     check_finite_numbers,
     check_no_negative_counts,
     check_push_to_hub,
     check_report_to,
+    check_rollout_arguments,
     parse_arguments,
 )
 from lib.checkpoints import (
@@ -160,7 +162,7 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
     exits with one `error:` line. Launchers export WORLD_SIZE and RANK before starting the script.
 
     `argument_types`: the script's dataclasses, its RunArguments subclass first; `check(*groups, world_size)` raises
-    ValueError for the script's own flags (check_run_arguments runs before it); `step_key` is what the script counts
+    ValueError for the script's own flags (check_run_arguments runs before it, check_rollout_arguments after); `step_key` is what the script counts
     (iteration, round) and `last_step_flag` the flag that ends it.
     Returns (groups, arguments: every flag as one flat dict, resume folder or None)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -169,6 +171,9 @@ def parse_or_exit(argument_types: tuple, argv: list[str], check: Callable, step_
         check_finite_numbers(groups)
         check_run_arguments(groups[0], world_size)
         check(*groups, world_size)
+        for group in groups:  # every trainer plays with the shared prompt, sampling and reward flags
+            if isinstance(group, RolloutArguments):
+                check_rollout_arguments(group)
         check_no_negative_counts(groups)
         check_run_paths(groups[0])
     except ValueError as error:
