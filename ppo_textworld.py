@@ -65,7 +65,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from lib.agents import ModelAgent, ScoringAgent
+from lib.agents import EpisodeModelAgent, EpisodeScoringAgent, ModelAgent, ScoringAgent
 from lib.arguments import (
     RolloutArguments,
     generation_config,
@@ -96,8 +96,9 @@ from lib.losses import (
 from lib.models import freeze_lower_layers, resolve_model
 from lib.rewards import reward_chain
 from lib.rollout import RolloutCollector, ScoringRolloutCollector, Transition, load_rollouts, rollout_rows, save_rollouts
-from lib.scoring import score_candidates
+from lib.scoring import pad_rows, policy_logprobs, score_candidates
 from lib.sequences import model_inputs, pack_sequences, response_logits
+from lib.streams import candidate_scores, pack_stream_segments, per_turn, stream_outputs
 from lib.training import (
     RunArguments,
     RunningMeans,
@@ -212,13 +213,15 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     if ppo.advantage_estimator == "gae" and ppo.group_size != 1:
         raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator grpo; gae plays every slot alone (1)")
-    if ppo.advantage_estimator == "grpo":
-        if ppo.group_size < 2:
-            raise ValueError(f"--advantage_estimator grpo compares the episodes of a group: --group_size must be at least 2, got {ppo.group_size}")
-        if slots < micro_batches:  # every slot plays at least one turn: every micro-batch then gets one
+    if ppo.advantage_estimator == "grpo" and ppo.group_size < 2:
+        raise ValueError(f"--advantage_estimator grpo compares the episodes of a group: --group_size must be at least 2, got {ppo.group_size}")
+    if ppo.advantage_estimator == "grpo" or rollout.context == "episode":
+        if slots < micro_batches:  # every slot plays at least one turn (one stream): every micro-batch then gets one
+            why = ("grpo, whose batches vary with the episodes' lengths" if ppo.advantage_estimator == "grpo" else
+                   "--context episode, whose micro-batches hold whole streams")
             raise ValueError(
                 f"each process's {slots} slots must be at least --num_minibatches * --gradient_accumulation_steps "
-                f"({micro_batches}) with grpo, whose batches vary with the episodes' lengths"
+                f"({micro_batches}) with {why}"
             )
     else:
         per_process = slots * run.turns_per_slot
@@ -388,15 +391,87 @@ def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, 
     return loss, stats, tokens
 
 
+def stream_segments(turns: list[Transition], index: torch.Tensor) -> list[dict]:
+    """--context episode: the micro-batch's turns (`index`: whole streams, each in time order) as the segments
+    lib.streams.pack_stream_segments lays out, in the order of `index`."""
+    segments: dict[int, dict] = {}
+    for i in index.tolist():
+        turn = turns[i]
+        segment = segments.setdefault(turn.stream, {"turns": []})
+        segment["turns"].append({"prompt_ids": turn.prompt_ids, "response_ids": turn.response_ids,
+                                 "candidate_ids": turn.candidate_ids})
+    return list(segments.values())
+
+
+def stream_token_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
+                      temperature: float, pad_id: int, device):
+    """token_level_loss on streams: one forward per stream (its turns' prompt and response tokens), the loss on the
+    response tokens only."""
+    packed = pack_stream_segments(stream_segments(turns, index), pad_id)
+    width = batch["mask"].shape[1]
+    logits, values = model(stream=packed, values_at="logits_at")
+    logits = per_turn(logits, packed["lengths"], width)
+    values = None if values is None else per_turn(values, packed["lengths"], width)
+    ref_logits = None
+    if ppo.kl_loss_coef > 0:
+        with torch.no_grad():
+            ref_logits = per_turn(stream_outputs(ref_model, packed)[0], packed["lengths"], width).float() / temperature
+    old_values = None if values is None else batch["values"][index].to(device)
+    loss, stats = ppo_loss(
+        logits.float() / temperature, None if values is None else values.float(), batch["response_ids"][index].to(device),
+        batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
+        returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
+        vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+    )
+    return loss, stats, packed["tokens"]
+
+
+def stream_turn_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
+                     temperature: float, pad_id: int, device, length_normalize: bool):
+    """turn_level_loss on streams: each turn's candidates rescored with gradient in one forward per stream
+    (candidate blocks beside the stream), the value at each turn's last prompt token."""
+    packed = pack_stream_segments(stream_segments(turns, index), pad_id)
+    logits, values = model(stream=packed)
+
+    def policy(scores):
+        return pad_rows([policy_logprobs(s, temperature) for s in scores])
+
+    logprobs = policy(candidate_scores(logits, packed, length_normalize))
+    ref_logprobs = None
+    if ppo.kl_loss_coef > 0:
+        with torch.no_grad():
+            ref_logprobs = policy(candidate_scores(stream_outputs(ref_model, packed)[0], packed, length_normalize))
+    mask = pad_rows([torch.ones(count, dtype=torch.bool, device=logprobs.device) for count in packed["counts"]])
+    old_values = None if values is None else batch["values"][index, 0].to(device)
+    loss, stats = candidate_ppo_loss(
+        logprobs, mask, batch["chosen_index"][index].to(device), batch["logprobs"][index, 0].to(device),
+        None if values is None else values.float(), old_values, advantages[index, 0].to(device),
+        returns[index, 0].to(device), ref_logprobs, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
+        vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+    )
+    return loss, stats, packed["tokens"]
+
+
+def stream_units(turns: list[Transition]) -> list[list[int]]:
+    """--context episode: the turns of each stream in time order (the rollout lists them turn by turn)."""
+    units: dict[int, list[int]] = {}
+    for index, turn in enumerate(turns):
+        units.setdefault(turn.stream, []).append(index)
+    return list(units.values())
+
+
 def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, advantages, returns, *, ppo: PPOArguments,
-               parameters: list, where: str) -> tuple[RunningMeans, int]:
+               parameters: list, where: str, units: list[list[int]] | None = None) -> tuple[RunningMeans, int]:
     """ppo_epochs passes over the turns in a new random order each; each pass is num_minibatches minibatches of
     gradient_accumulation_steps micro-batches (consecutive slices of the order); accelerate steps the optimizer after
-    a minibatch's last micro-batch. Returns the loss figures' running means and the tokens encoded."""
+    a minibatch's last micro-batch. `units` (episode context: whole streams) are shuffled and split instead of
+    single turns. Returns the loss figures' running means and the tokens encoded."""
     figures, tokens = RunningMeans(), 0
+    units = units or [[i] for i in range(len(turns))]
     for _ in range(ppo.ppo_epochs):
-        order = torch.randperm(len(turns))
-        for index in torch.tensor_split(order, ppo.num_minibatches * ppo.gradient_accumulation_steps):
+        order = torch.randperm(len(units))
+        for part in torch.tensor_split(order, ppo.num_minibatches * ppo.gradient_accumulation_steps):
+            index = torch.tensor([i for unit in part.tolist() for i in units[unit]], dtype=torch.long)
             with accelerator.accumulate(model):
                 loss, stats, encoded = loss_fn(model, turns=turns, batch=batch, index=index, advantages=advantages,
                                                returns=returns)
@@ -448,6 +523,10 @@ def main(argv: list[str]) -> None:
     if training.zero3 and not with_critic:
         sys.exit("error: --advantage_estimator grpo plays whole episodes, a different number of turns on each process, "
                  "which ZeRO-3's gathered forwards cannot pair up: use a ZeRO-2 or plain launch config")
+    episode_context = rollout_args.context == "episode"
+    if training.zero3 and episode_context:
+        sys.exit("error: --context episode runs the decoder of each slot's stream directly, which ZeRO-3's sharded "
+                 "weights do not allow: use a ZeRO-2 or plain launch config, or --context window")
     slots = run.num_envs // training.num_processes
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -469,20 +548,26 @@ def main(argv: list[str]) -> None:
     loss_options = {"ppo": ppo, "temperature": temperature, "pad_id": pad_id, "device": device}
     env = BatchEnv(training.train_games, slots, run.max_episode_turns, shuffle=True, seed=run.seed,
                    rank=training.process_index, world_size=training.num_processes, group_size=ppo.group_size)
+    max_context_tokens = rollout_args.max_context_tokens if episode_context else None
     if rollout_args.action_mode == "score":
-        greedy_agent = ScoringAgent(unwrapped.policy, tokenizer, prompts, scoring_config(rollout_args, greedy=True))
+        greedy = scoring_config(rollout_args, greedy=True)
+        greedy_agent = (EpisodeScoringAgent(unwrapped.policy, tokenizer, prompts, greedy, rollout_args.max_context_tokens)
+                        if episode_context else ScoringAgent(unwrapped.policy, tokenizer, prompts, greedy))
         collector = ScoringRolloutCollector(env, tokenizer, prompts, scoring_config(rollout_args), reward_fn,
-                                            accelerator.autocast)
+                                            accelerator.autocast, max_context_tokens)
         collate = collate_decisions
-        loss_fn = partial(turn_level_loss, ref_model=ref_model, length_normalize=rollout_args.length_normalize,
-                          **loss_options)
+        loss_fn = partial(stream_turn_loss if episode_context else turn_level_loss, ref_model=ref_model,
+                          length_normalize=rollout_args.length_normalize, **loss_options)
         estimate = turn_level_gae
     else:
-        greedy_agent = ModelAgent(unwrapped.policy, tokenizer, generation_config(rollout_args, greedy=True))
+        greedy = generation_config(rollout_args, greedy=True)
+        greedy_agent = (EpisodeModelAgent(unwrapped.policy, tokenizer, prompts, greedy, rollout_args.max_context_tokens)
+                        if episode_context else ModelAgent(unwrapped.policy, tokenizer, greedy))
         collector = RolloutCollector(env, tokenizer, prompts, generation_config(rollout_args), reward_fn,
-                                     generate_kwargs, accelerator.autocast)
+                                     generate_kwargs, accelerator.autocast, max_context_tokens)
         collate = partial(collate_responses, pad_id=pad_id)
-        loss_fn = partial(token_level_loss, ref_model=ref_model, **loss_options)
+        loss_fn = partial(stream_token_loss if episode_context else token_level_loss, ref_model=ref_model,
+                          **loss_options)
         estimate = token_level_gae
     if not with_critic:
         estimate = group_advantages
@@ -527,7 +612,7 @@ def main(argv: list[str]) -> None:
             model.train()
             figures, update_tokens = ppo_update(
                 accelerator, model, optimizer, training.guard, loss_fn, turns, batch, advantages, returns, ppo=ppo,
-                parameters=trainable, where=where,
+                parameters=trainable, where=where, units=stream_units(turns) if episode_context else None,
             )
             model.eval()
         update_time = time.time() - started

@@ -14,8 +14,9 @@ import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import PromptConfig, clean_inventory, clean_observation
+from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command
 from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
+from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
@@ -197,3 +198,90 @@ class ScoringAgent(Agent):
 
     def transcript_columns(self, slot):
         return {"candidates": self.candidates[slot], "chosen_index": self.chosen[slot]}
+
+
+class _EpisodeContextAgent(Agent):
+    """--context episode for a model agent: each slot's episode is one token stream read through a KV cache
+    (lib/streams.py), so the agent reads the states, not per-turn prompts. `observe` keeps the episode's turns (a
+    restart's prompt shows the last ones) and ends a stream with its episode."""
+
+    needs_prompts = False
+
+    def _begin(self, states, max_context_tokens: int, reply_room) -> list[int]:
+        if getattr(self, "context", None) is None or len(self.context.streams.ids) != len(states):
+            self.context = EpisodeContext(len(states), self.prompt_config, self.tokenizer, max_context_tokens)
+            self.histories = [[] for _ in states]
+            self.last_states: list[GameState | None] = [None] * len(states)
+        active = [slot for slot, state in enumerate(states) if state is not None]
+        for slot in active:
+            self.context.begin(slot, states[slot], self.histories[slot], reply_room(slot))
+            self.last_states[slot] = states[slot]
+        return active
+
+    def observe(self, results):
+        for slot, result in enumerate(results):
+            if result is None:
+                continue
+            before = self.last_states[slot]
+            self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), result.command))
+            if result.done:
+                self.histories[slot] = []
+                self.context.end(slot)
+
+
+class EpisodeScoringAgent(_EpisodeContextAgent, ScoringAgent):
+    """ScoringAgent with --context episode: the candidates scored on each slot's stream (lib.streams.candidate_turn)."""
+
+    def __init__(self, model, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig,
+                 max_context_tokens: int):
+        ScoringAgent.__init__(self, model, tokenizer, prompt_config, scoring_config)
+        self.max_context_tokens = max_context_tokens
+        self.context = None
+
+    def act(self, states, prompts):
+        config = self.scoring_config
+        self.candidates, self.chosen = [None] * len(states), [None] * len(states)
+        candidate_ids: list[list[list[int]] | None] = [None] * len(states)
+        for slot, state in enumerate(states):
+            if state is not None:
+                self.candidates[slot] = select_candidates(state.admissible_commands, config.max_candidates) or [FALLBACK_COMMAND]
+                candidate_ids[slot] = encode_candidates([self.candidates[slot]], self.prompt_config, self.tokenizer)[0]
+        active = self._begin(states, self.max_context_tokens, lambda slot: max(map(len, candidate_ids[slot])))
+        if not active:
+            return [None] * len(states)
+        with torch.no_grad():
+            scores, _ = candidate_turn(self.model, self.context.cache, self.context.pending(active), candidate_ids,
+                                       length_normalize=config.length_normalize)
+        streams = self.context.streams
+        for slot in active:
+            self.chosen[slot] = choose_candidate(scores[slot], config.do_sample, config.temperature)
+            streams.add_reply(slot, candidate_ids[slot][self.chosen[slot]], cached=len(streams.ids[slot]))
+        return [None if index is None else self.candidates[slot][index] for slot, index in enumerate(self.chosen)]
+
+
+class EpisodeModelAgent(_EpisodeContextAgent, ModelAgent):
+    """ModelAgent with --context episode: each reply generated on its slot's stream (lib.streams.generate_turn)."""
+
+    def __init__(self, model, tokenizer, prompt_config: PromptConfig, generation_config: GenerationConfig,
+                 max_context_tokens: int):
+        ModelAgent.__init__(self, model, tokenizer, generation_config)
+        self.prompt_config = prompt_config
+        self.max_context_tokens = max_context_tokens
+        self.context = None
+
+    def act(self, states, prompts):
+        active = self._begin(states, self.max_context_tokens, lambda slot: self.generation_config.max_new_tokens)
+        commands: list[str | None] = [None] * len(states)
+        self.texts = [None] * len(states)
+        if not active:
+            return commands
+        with torch.no_grad():
+            results = generate_turn(self.model, None, self.context.cache, None, self.context.pending(active),
+                                    self.generation_config, self.tokenizer)
+        streams = self.context.streams
+        for slot in active:
+            response_ids = results[slot]["response_ids"]
+            streams.add_reply(slot, response_ids, cached=len(streams.ids[slot]) + len(response_ids) - 1)
+            self.texts[slot] = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+            commands[slot] = parse_command(self.texts[slot])
+        return commands

@@ -16,6 +16,7 @@ from lib.generation import GenerationConfig
 from lib.prompts import PROMPT_FORMATS, PromptConfig
 from lib.rewards import REWARD_NAMES, RewardConfig, parse_reward_names
 from lib.scoring import ACTION_MODES, ScoringConfig
+from lib.streams import CONTEXTS
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "none")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}
@@ -39,6 +40,8 @@ class RolloutArguments:
     hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
     num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "Generic example turns in the prompt (SmolLM2 answers in prose without them)."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
+    context: str = field(default="window", metadata={"help": f"What the policy reads each turn: {' or '.join(CONTEXTS)} (a prompt built per turn, or the episode's conversation as one growing token stream with a KV cache, lib/streams.py)."})
+    max_context_tokens: int = field(default=1024, metadata={"help": "Episode context: a stream restarts from the window prompt (last memory_turns turns) rather than grow past this many tokens."})
     reward: str = field(default="score,win,invalid", metadata={"help": f"Comma list of reward components: {', '.join(REWARD_NAMES)}."})
     score_weight: float = field(default=1.0, metadata={"help": "Weight of the score change (reward `score`)."})
     win_bonus: float = field(default=1.0, metadata={"help": "Bonus for winning (reward `win`)."})
@@ -77,6 +80,13 @@ def reward_config(rollout: RolloutArguments) -> RewardConfig:
 def check_rollout_arguments(rollout: RolloutArguments) -> None:
     if rollout.action_mode not in ACTION_MODES:
         raise ValueError(f"--action_mode {rollout.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
+    if rollout.context not in CONTEXTS:
+        raise ValueError(f"--context {rollout.context!r} is unknown; choose one of {', '.join(CONTEXTS)}")
+    if rollout.context == "episode" and rollout.max_context_tokens < 2 * rollout.max_prompt_tokens:
+        raise ValueError(
+            f"--max_context_tokens {rollout.max_context_tokens} must be at least twice --max_prompt_tokens "
+            f"({rollout.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns after it"
+        )
     if rollout.action_mode == "score":
         try:
             scoring_config(rollout)

@@ -51,6 +51,14 @@ command of the episode), prompt, response, command, reward (reward_fn), score (a
 value (values[0]; NaN without a value head), logprob (sum
 over response tokens), kl (sum of the per-token KL estimates against the reference). Score mode adds candidates
 (the scored commands) and chosen_index; its advantage is the turn's, its logprob and kl those of the chosen command.
+Episode context adds stream (its number within the iteration), stream_offset, prompt_ids (the turn's new tokens)
+and response_ids: a stream's tokens are its turns' prompt_ids + response_ids in order, from offset 0.
+
+Episode context (max_context_tokens given, lib/streams.py): the same turns, each slot reading its stream through
+KV caches of the policy and the reference (one forward per slot and model per turn: `act_on_streams`); every
+stream starts with the iteration; a truncated episode's final state is valued on its stream (a peek) before the
+stream ends; the bootstrap after the last turn is the window prompt's, which is how the next iteration's streams
+start.
 """
 
 import contextlib
@@ -66,10 +74,18 @@ from lib.agents import FALLBACK_COMMAND, Agent
 from lib.env import BatchEnv, GameState
 from lib.evaluation import evaluate, rank_episodes
 from lib.generation import GenerationConfig, generate
-from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
+from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation, parse_command
 from lib.rewards import RewardFn, TurnOutcome
-from lib.scoring import ScoringConfig, choose_candidate, encode_candidates, score_candidates, select_candidates
+from lib.scoring import (
+    ScoringConfig,
+    choose_candidate,
+    encode_candidates,
+    policy_logprobs,
+    score_candidates,
+    select_candidates,
+)
 from lib.sequences import score_sequences
+from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
 ROLLOUTS_DIR = "rollouts"
 
@@ -105,6 +121,10 @@ class Transition:
     candidates: list[str] | None = None
     chosen_index: int | None = None
     candidate_ids: list[list[int]] | None = None
+    # Episode context (lib/streams.py): prompt_ids are the turn's new tokens (the game's segment, or the start prompt
+    # when its stream (re)starts); the stream's number and how many of its tokens came before them.
+    stream: int | None = None
+    stream_offset: int | None = None
 
 
 @dataclass
@@ -132,12 +152,18 @@ class RolloutCollector:
         reward_fn: RewardFn,
         generate_kwargs: dict | None = None,
         autocast=contextlib.nullcontext,
+        max_context_tokens: int | None = None,
+        with_reference: bool = True,
     ):
+        """`max_context_tokens`: play with --context episode (lib/streams.py) within that many tokens per stream;
+        None: --context window, a prompt built per turn."""
         self.env = env
         self.tokenizer = tokenizer
         self.prompt_config = prompt_config
         self.generation_config = generation_config
         self.reward_fn = reward_fn
+        self.context = None if max_context_tokens is None else EpisodeContext(
+            env.num_envs, prompt_config, tokenizer, max_context_tokens, with_reference)
         self.generate_kwargs = generate_kwargs or {}
         self.autocast = autocast
         self.states: list[GameState | None] = env.reset()
@@ -175,13 +201,21 @@ class RolloutCollector:
         pending: list[tuple[Transition, list[int]]] = []  # truncated turns and their final-state prompt ids
         ended: set[int] = set()  # whole episodes: the slots whose episode ended in this call hold
         turns_played = 0
+        if self.context is not None:  # episode context: every stream starts with this iteration (lib/streams.py)
+            for slot in range(len(self.states)):
+                self.context.end(slot)
+            self.context.streams.next_number = 0  # streams are numbered within their iteration
         while turns_per_slot is None or turns_played < turns_per_slot:
             playing = [slot for slot, state in enumerate(self.states) if state is not None and slot not in ended]
             if not playing:
                 break
             turns_played += 1
-            prompts = [self.prompt(self.states[slot], self.histories[slot]) for slot in playing]
-            acted, state_values = self.act(model, ref_model, playing, prompts, [ids for _, ids in pending])
+            if self.context is None:
+                prompts = [self.prompt(self.states[slot], self.histories[slot]) for slot in playing]
+                acted, state_values = self.act(model, ref_model, playing, prompts, [ids for _, ids in pending])
+            else:
+                prompts = self.begin_streams(playing)
+                acted, state_values = self.act_on_streams(model, ref_model, playing)
             self._bootstrap(previous, pending, playing, state_values)
             commands: list[str | None] = [None] * len(self.states)
             for slot, fields in zip(playing, acted):
@@ -203,17 +237,24 @@ class RolloutCollector:
                 if result.terminated:
                     turn.next_value = 0.0
                 elif result.truncated and has_values:
-                    pending.append((turn, self.encode(self.prompt(result.state, self.histories[slot]))))
+                    if self.context is None:
+                        pending.append((turn, self.encode(self.prompt(result.state, self.histories[slot]))))
+                    else:  # the final state read on the episode's stream, before it ends
+                        with self.autocast(), torch.no_grad():
+                            turn.next_value = self.context.peek_value(model, slot, result.state)
                 elif not result.done:
                     previous.append(turn)
                 if result.done:
                     rollout.episodes.append(self._episode_summary(turn))
                     self.histories[slot], self.returns[slot] = [], 0.0
+                    if self.context is not None:
+                        self.context.end(slot)
                     if turns_per_slot is None:
                         ended.add(slot)
             # A group's waiting slots get their new episode when its last slot ends: the env's states are the truth.
             self.states = list(self.env.states)
-        if has_values:  # the states the next iteration starts from bootstrap this iteration's last turns
+        if has_values:  # the states the next iteration starts from (with a window prompt, as its streams do) bootstrap
+            # this iteration's last turns
             live = [slot for slot, state in enumerate(self.states) if state is not None]
             next_prompts = [self.encode(self.prompt(self.states[slot], self.histories[slot])) for slot in live]
             rows = next_prompts + [ids for _, ids in pending]
@@ -221,6 +262,45 @@ class RolloutCollector:
                 scored = score_sequences(model, None, rows, [[] for _ in rows], self.tokenizer.pad_token_id)
             self._bootstrap(previous, pending, live, scored["values"][:, 0])
         return rollout
+
+    def reply_room(self, slot: int) -> int:
+        """Tokens a reply of `slot` may take (the stream restarts rather than pass max_context_tokens with it)."""
+        return self.generation_config.max_new_tokens
+
+    def begin_streams(self, slots: list[int]) -> list[str]:
+        """Episode context: each slot's stream takes the game's new tokens; the turns' prompt texts (those tokens
+        decoded)."""
+        texts, self.turn_ids = [], {}
+        for slot in slots:
+            self.turn_ids[slot] = self.context.begin(slot, self.states[slot], self.histories[slot], self.reply_room(slot))
+            texts.append(self.tokenizer.decode(self.turn_ids[slot]))
+        return texts
+
+    def _stream_fields(self, slot: int) -> dict:
+        """The Transition fields of this turn's stream tokens (before the reply joins the stream)."""
+        streams = self.context.streams
+        offset = len(streams.ids[slot]) - len(self.turn_ids[slot])
+        return {"prompt_ids": self.turn_ids[slot], "stream": streams.numbers[slot], "stream_offset": offset}
+
+    def act_on_streams(self, model, ref_model, slots: list[int]):
+        """act() with --context episode (lib.streams.generate_turn): the same fields, and the values at each
+        slot's last new token (the state's value) (None without a value head)."""
+        pending = self.context.pending(slots)
+        with self.autocast(), torch.no_grad():
+            results = generate_turn(model.policy, ref_model, self.context.cache, self.context.ref_cache, pending,
+                                    self.generation_config, self.tokenizer, model.value_head)
+        acted = []
+        for slot in slots:
+            result, streams = results[slot], self.context.streams
+            response_ids = result["response_ids"]
+            text = self.tokenizer.decode(response_ids, skip_special_tokens=True)
+            fields = self._stream_fields(slot)
+            streams.add_reply(slot, response_ids, cached=len(streams.ids[slot]) + len(response_ids) - 1)
+            acted.append({"response": text, "command": parse_command(text), "response_ids": response_ids,
+                          "logprobs": result["logprobs"], "ref_logprobs": result["ref_logprobs"],
+                          "values": result["values"], **fields})
+        has_values = model.value_head is not None
+        return acted, torch.stack([fields["values"][0] for fields in acted]) if has_values else None
 
     def act(self, model, ref_model, slots: list[int], prompts: list[str], pending_ids: list[list[int]]):
         """One turn in each of `slots` (prompts aligned with them): per slot the Transition fields of what the policy
@@ -278,17 +358,57 @@ class ScoringRolloutCollector(RolloutCollector):
     sampling temperature; the value is read at the prompt's last token of the same forward."""
 
     def __init__(self, env: BatchEnv, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig,
-                 reward_fn: RewardFn, autocast=contextlib.nullcontext):
-        super().__init__(env, tokenizer, prompt_config, None, reward_fn, autocast=autocast)
+                 reward_fn: RewardFn, autocast=contextlib.nullcontext, max_context_tokens: int | None = None,
+                 with_reference: bool = True):
+        super().__init__(env, tokenizer, prompt_config, None, reward_fn, autocast=autocast,
+                         max_context_tokens=max_context_tokens, with_reference=with_reference)
         self.scoring_config = scoring_config
+        self.turn_candidates: dict[int, tuple[list[str], list[list[int]]]] = {}
+
+    def candidates(self, slot: int) -> tuple[list[str], list[list[int]]]:
+        """The state's candidate commands and their answer ids; a state without admissible commands still gets a
+        turn, as ScoringAgent gives it: the harmless fallback."""
+        commands = select_candidates(self.states[slot].admissible_commands, self.scoring_config.max_candidates)
+        commands = commands or [FALLBACK_COMMAND]
+        return commands, encode_candidates([commands], self.prompt_config, self.tokenizer)[0]
+
+    def reply_room(self, slot: int) -> int:
+        self.turn_candidates[slot] = self.candidates(slot)
+        return max(map(len, self.turn_candidates[slot][1]))
+
+    def act_on_streams(self, model, ref_model, slots):
+        config = self.scoring_config
+        pending = self.context.pending(slots)
+        candidate_ids = [self.turn_candidates[slot][1] if slot in self.turn_candidates and slot in slots else None
+                         for slot in range(len(pending))]
+        with self.autocast(), torch.no_grad():
+            scores, values = candidate_turn(model.policy, self.context.cache, pending, candidate_ids,
+                                            length_normalize=config.length_normalize, value_head=model.value_head)
+            ref_scores = None
+            if ref_model is not None:
+                ref_scores, _ = candidate_turn(ref_model, self.context.ref_cache, pending, candidate_ids,
+                                               length_normalize=config.length_normalize)
+        acted = []
+        for slot in slots:
+            commands, ids = self.turn_candidates.pop(slot)
+            logprobs = policy_logprobs(scores[slot], config.temperature).cpu()
+            ref_logprobs = None if ref_scores is None else policy_logprobs(ref_scores[slot], config.temperature).cpu()
+            index = choose_candidate(logprobs, do_sample=True)  # temperature already applied
+            fields = self._stream_fields(slot)
+            self.context.streams.add_reply(slot, ids[index], cached=len(self.context.streams.ids[slot]))
+            acted.append({
+                "response": commands[index], "command": commands[index], "response_ids": ids[index],
+                "logprobs": logprobs[index : index + 1],
+                "ref_logprobs": None if ref_logprobs is None else ref_logprobs[index : index + 1],
+                "values": None if values[slot] is None else values[slot].reshape(1).float().cpu(),
+                "candidates": commands, "chosen_index": index, "candidate_ids": ids, **fields,
+            })
+        return acted, None if model.value_head is None else torch.stack([fields["values"][0] for fields in acted])
 
     def act(self, model, ref_model, slots, prompts, pending_ids):
         config = self.scoring_config
-        # A state without admissible commands still gets a turn, as ScoringAgent gives it: the harmless fallback.
-        candidates = [select_candidates(self.states[slot].admissible_commands, config.max_candidates) or [FALLBACK_COMMAND]
-                      for slot in slots]
+        candidates, candidate_ids = map(list, zip(*[self.candidates(slot) for slot in slots]))
         prompt_ids = [self.encode(prompt) for prompt in prompts]
-        candidate_ids = encode_candidates(candidates, self.prompt_config, self.tokenizer)
         # Truncated episodes' final states ride along for their values, each with a throwaway one-token candidate:
         # every process then makes the same forward calls whatever its games do (ZeRO-3 pairs them up).
         throwaway = [[[self.tokenizer.eos_token_id]] for _ in pending_ids]
@@ -409,6 +529,9 @@ def rollout_rows(
         })
         if t.candidates is not None:
             rows[-1].update(candidates=t.candidates, chosen_index=t.chosen_index)
+        if t.stream is not None:  # a stream is its turns' prompt_ids + response_ids in order, from offset 0
+            rows[-1].update(stream=t.stream, stream_offset=t.stream_offset, prompt_ids=t.prompt_ids,
+                            response_ids=t.response_ids)
     return rows
 
 

@@ -99,7 +99,7 @@ TRAINING_OUTPUTS = (
 RESUME_MUST_MATCH = frozenset({
     "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
     "detach_value_head", "advantage_estimator", "group_size", "action_mode", "train_games", "seed", "num_envs",
-    "max_episode_turns",
+    "max_episode_turns", "context",
 })
 
 
@@ -261,7 +261,7 @@ def saved_so_far(output_dir: Path) -> str:
 
 
 # What a run did before these flags existed (PPO's value-head GAE, slots playing alone).
-FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1}
+FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1, "context": "window"}
 
 
 def machine_description() -> str:

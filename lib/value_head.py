@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from lib.scoring import candidate_logprobs, candidate_logprobs_packed
+from lib.streams import stream_outputs
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 VALUE_HEAD_TYPES = ("linear", "mlp")
@@ -105,13 +106,18 @@ class PolicyWithValue(nn.Module):
         start: int = 0,
         end: int = 0,
         candidates: dict | None = None,
+        stream: dict | None = None,
+        values_at: str = "value_at",
     ):
         """(logits (B, end - start, V), values (B, end - start)) at positions start..end-1 of the sequences.
 
+        Episode context passes only `stream` (packed rows) and gets lib.streams.stream_outputs's logits and values.
         Score mode passes only `candidates`, the keyword arguments of lib.scoring.candidate_logprobs (prompt_ids,
         candidate_ids, pad_id, length_normalize), and gets (scores per state, values (S,)). It enters through this
         forward so that DDP and DeepSpeed wrappers see the call (ZeRO-3 gathers the weights in it).
         """
+        if stream is not None:  # --context episode: packed stream segments (lib.streams.pack_stream_segments)
+            return stream_outputs(self.policy, stream, self.value_head, values_at)
         if candidates is not None:
             # With gradient (the update) one packed row per state: backward keeps each prompt's keys and values once,
             # not once per candidate as the cached way's copies would (several GB); acting uses the faster cached way.

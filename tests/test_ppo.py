@@ -92,6 +92,9 @@ BAD_FLAGS = [
     (["--advantage_estimator", "grpo"], "--group_size"),  # a group of one has nothing to compare with
     (["--advantage_estimator", "grpo", "--group_size", "2", "--num_envs", "4"], "--num_minibatches"),
     (["--advantage_estimator", "vtrace"], "--advantage_estimator"),
+    (["--context", "session"], "--context"),
+    (["--context", "episode", "--max_context_tokens", "300"], "--max_context_tokens"),
+    (["--context", "episode", "--num_envs", "4"], "--num_minibatches"),  # 4 slots for 8 micro-batches of whole streams
 ]
 
 
@@ -240,6 +243,31 @@ def test_two_process_deepspeed_zero2_on_cpu_score_mode(tiny_model_path, tiny_gam
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
     log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
                                    action_mode="score", max_candidates=3), launcher, timeout=600)
+    assert "after training" in log
+    assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["process"])) == [0, 1]
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_end_to_end_episode_context(mode, tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, action_mode=mode,
+                                   max_candidates=3, context="episode", max_context_tokens=600, report_to="none"))
+    assert "after training" in log
+    dataset = load_rollouts(output)
+    assert dataset.num_rows == 2 * 2 * 2
+    for stream in set(zip(dataset["iteration"], dataset["stream"])):  # a stream is its turns' tokens, in order
+        rows = [row for row in dataset if (row["iteration"], row["stream"]) == stream]
+        offsets = [row["stream_offset"] for row in rows]
+        assert offsets == [sum(len(r["prompt_ids"]) + len(r["response_ids"]) for r in rows[:k]) for k in range(len(rows))]
+    assert json.loads((output / "training_args.json").read_text())["context"] == "episode"
+
+
+def test_two_process_deepspeed_zero2_on_cpu_episode_context(tiny_model_path, tiny_games, tmp_path):
+    output = tmp_path / "ppo"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
+                                   action_mode="score", max_candidates=3, context="episode", max_context_tokens=600,
+                                   num_minibatches=1), launcher, timeout=600)
     assert "after training" in log
     assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["process"])) == [0, 1]
 

@@ -144,6 +144,21 @@ def test_ppo_killed_and_resumed_equals_uninterrupted(kill_seed, uninterrupted_pp
     assert_same_run(uninterrupted_ppo, resumed, "iteration", "iteration")
 
 
+def test_ppo_episode_context_killed_and_resumed_equals_uninterrupted(tiny_model_path, tiny_games, tmp_path):
+    """--context episode: streams start with each iteration, so a resumed run rebuilds them from the replayed turns
+    and ends as the uninterrupted run does."""
+    def episode_args(output):
+        args = ppo_args(tiny_model_path, tiny_games, output)
+        args[args.index("--num_minibatches") + 1] = "2"  # a micro-batch holds whole streams: at most one per slot
+        return args + flags(context="episode", max_context_tokens=600)
+
+    uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run("ppo_textworld.py", episode_args(uninterrupted))
+    run_killed_then_resumed("ppo_textworld.py", episode_args(resumed), PPO_ITERATIONS, 1)
+    assert_same_run(uninterrupted, resumed, "iteration", "iteration")
+    assert load_rollouts(resumed)["stream_offset"][0] == 0
+
+
 def test_rejection_sampling_killed_and_resumed_equals_uninterrupted(tiny_model_path, tiny_games, tmp_path):
     uninterrupted, resumed = tmp_path / "uninterrupted", tmp_path / "resumed"
     run("rejection_sampling.py", rs_args(tiny_model_path, tiny_games, uninterrupted))
