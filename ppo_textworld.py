@@ -6,6 +6,7 @@ Launch:
     python ppo_textworld.py --action_mode generate              # write commands instead of choosing admissible ones
     python ppo_textworld.py --action_mode generate --reward letter_e  # the toy task: say many 'e'
     python ppo_textworld.py --advantage_estimator grpo --group_size 4  # no value head: episodes against their group
+    python ppo_textworld.py --advantage_estimator gigpo --group_size 4  # ... plus turns against same-state turns
     python ppo_textworld.py configs/ppo_hard.yaml --seed 1      # flags from a YAML file, then overrides
     python ppo_textworld.py --resume_from_checkpoint latest     # continue outputs/ppo where it stopped
     accelerate launch --config_file accelerate_configs/zero2.yaml ppo_textworld.py --model_name_or_path ...
@@ -13,7 +14,7 @@ Launch:
 
 One iteration (main(), top to bottom):
   1. rollout (lib/rollout.py): each process plays turns_per_slot turns in each of its num_envs / num_processes game
-     slots (whole episodes with --advantage_estimator grpo), caching per response token the behaviour log-prob, the
+     slots (whole episodes with the critic-free estimators), caching per response token the behaviour log-prob, the
      reference log-prob and the value (values[0]: the turn's state), per turn the reward (reward_fn: the --reward
      chain by default; pass your own, see REWARD_FN below) and next_value (the value of the state the turn led to);
   2. rewards per token: -kl_coef * KL estimate (k1/k2/k3 of log pi - log ref) at every token, plus the turn's
@@ -37,10 +38,14 @@ What differs between the action modes is chosen once, before the loop (`collate`
     each slot's turns (lib.losses.turn_gae: gamma_turn, lam). Loss: lib.losses.candidate_ppo_loss, clipping the
     ratio of the chosen command's probability, with entropy and exact KL over the candidates; every micro-batch
     rescores its turns' candidates with gradient (one packed row per state, lib.scoring.candidate_logprobs_packed).
-  --advantage_estimator grpo (either mode): no value head is built or saved. The slots play in groups of
-    --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
-    iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's
-    (lib.losses.group_relative_advantages), given to every token of every turn of the episode.
+  --advantage_estimator grpo, rloo or gigpo (either mode): no value head is built or saved. The slots play in groups
+    of --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
+    iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's, given to
+    every token of every turn of the episode: grpo normalizes it within the group (lib.losses.
+    group_relative_advantages), rloo subtracts the mean of the group's other returns (lib.losses.rloo_advantages);
+    gigpo adds to grpo's, per turn, --gigpo_step_weight times the turn's return (discounted by --gamma_turn)
+    normalized among the group's turns played from the same state (Transition.state_key; lib.losses.
+    group_in_group_advantages).
 An update that meets a NaN or inf (loss, gradient norm, rewards, values, advantages) is skipped with a warning
 (lib.training.NonFiniteGuard); --max_nonfinite_updates in a row stop the run before it saves.
 Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is
@@ -82,6 +87,7 @@ from lib.losses import (
     candidate_ppo_loss,
     explained_variance,
     gae_advantages,
+    group_in_group_advantages,
     group_relative_advantages,
     kl_estimate,
     masked_mean,
@@ -90,6 +96,7 @@ from lib.losses import (
     mean_var_from_moments,
     penalized_rewards,
     ppo_loss,
+    rloo_advantages,
     turn_gae,
     whiten_with_stats,
 )
@@ -112,14 +119,15 @@ from lib.training import (
 )
 from lib.value_head import VALUE_HEAD_FILE, VALUE_HEAD_TYPES, PolicyWithValue, ValueHead, load_value_head
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "gigpo")
+CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # groups of whole episodes, no value head
 
 
 @dataclass
 class PPORunArguments(RunArguments):
     output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
     num_iterations: int = field(default=6, metadata={"help": "PPO iterations (rollout + update)."})
-    turns_per_slot: int = field(default=8, metadata={"help": "Turns each slot plays per iteration (gae); the batch is num_envs * turns_per_slot turns. grpo plays whole episodes."})
+    turns_per_slot: int = field(default=8, metadata={"help": "Turns each slot plays per iteration (gae); the batch is num_envs * turns_per_slot turns. The critic-free estimators play whole episodes."})
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
     save_every: int = field(default=2, metadata={"help": "Checkpoint every N iterations (0: only at the end); a stopped run resumes from the newest."})
 
@@ -135,10 +143,11 @@ class PPOArguments:
     clip_range_value: float | None = field(default=0.2, metadata={"help": "Value clip range around the rollout values (none: no value clipping)."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     ent_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus."})
-    advantage_estimator: str = field(default="gae", metadata={"help": f"{' or '.join(ADVANTAGE_ESTIMATORS)}: GAE with a value head, or each episode against its group (no value head)."})
-    group_size: int = field(default=1, metadata={"help": "Slots per group playing the same game from the same start (grpo: at least 2)."})
+    advantage_estimator: str = field(default="gae", metadata={"help": f"{', '.join(ADVANTAGE_ESTIMATORS)}: GAE with a value head; or, without one, each episode against its group: normalized (grpo), against the others' mean (rloo), plus each turn against the group's turns from the same state (gigpo)."})
+    group_size: int = field(default=1, metadata={"help": f"Slots per group playing the same game from the same start ({'/'.join(CRITIC_FREE_ESTIMATORS)}: at least 2)."})
+    gigpo_step_weight: float = field(default=1.0, metadata={"help": "gigpo: weight (omega) of the step-level advantage added to the episode-level one."})
     gamma_token: float = field(default=1.0, metadata={"help": "Discount between tokens of one response (generate mode)."})
-    gamma_turn: float = field(default=0.95, metadata={"help": "Discount between turns (applied to next_value)."})
+    gamma_turn: float = field(default=0.95, metadata={"help": "Discount between turns (gae: applied to next_value; gigpo: in the turns' returns of the step level)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient in the per-token reward (initial value when adaptive)."})
     kl_estimator: str = field(default="k3", metadata={"help": f"Per-token KL estimator in the reward: {', '.join(KL_ESTIMATORS)}."})
@@ -186,7 +195,7 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
     for name in ("eval_every", "save_every"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
-    for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef"):
+    for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef", "gigpo_step_weight"):
         if getattr(ppo, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(ppo, name)}")
     for name in ("gamma_token", "gamma_turn", "lam"):
@@ -211,14 +220,16 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
         raise ValueError(f"each process's {slots} slots (num_envs / processes) must be divisible by --group_size {ppo.group_size}")
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     if ppo.advantage_estimator == "gae" and ppo.group_size != 1:
-        raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator grpo; gae plays every slot alone (1)")
-    if ppo.advantage_estimator == "grpo":
+        raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator "
+                         f"{'/'.join(CRITIC_FREE_ESTIMATORS)}; gae plays every slot alone (1)")
+    if ppo.advantage_estimator in CRITIC_FREE_ESTIMATORS:
         if ppo.group_size < 2:
-            raise ValueError(f"--advantage_estimator grpo compares the episodes of a group: --group_size must be at least 2, got {ppo.group_size}")
+            raise ValueError(f"--advantage_estimator {ppo.advantage_estimator} compares the episodes of a group: "
+                             f"--group_size must be at least 2, got {ppo.group_size}")
         if slots < micro_batches:  # every slot plays at least one turn: every micro-batch then gets one
             raise ValueError(
                 f"each process's {slots} slots must be at least --num_minibatches * --gradient_accumulation_steps "
-                f"({micro_batches}) with grpo, whose batches vary with the episodes' lengths"
+                f"({micro_batches}) with {ppo.advantage_estimator}, whose batches vary with the episodes' lengths"
             )
     else:
         per_process = slots * run.turns_per_slot
@@ -299,18 +310,43 @@ def turn_level_gae(turns: list[Transition], batch: dict, rewards: torch.Tensor, 
 
 
 def group_advantages(turns: list[Transition], batch: dict, rewards: torch.Tensor, ppo: PPOArguments):
-    """GRPO: an episode's return (its turns' rewards summed) against the other episodes of its group, on every
-    token of every turn of the episode; returns: the episode's return. Group members share their episode number
-    (lib.env.BatchEnv group_size)."""
-    episodes = {}  # (slot, episode) -> its index among the batch's episodes
-    for turn in turns:
-        episodes.setdefault((turn.slot, turn.episode), len(episodes))
-    episode_of = torch.tensor([episodes[(t.slot, t.episode)] for t in turns])
-    episode_returns = torch.zeros(len(episodes)).index_add_(0, episode_of, rewards.sum(dim=1))
-    group_ids = torch.tensor([episode for _, episode in episodes])
-    advantages = group_relative_advantages(episode_returns, group_ids)
+    """grpo and rloo: an episode's return (its turns' rewards summed) against the other episodes of its group
+    (lib.losses.group_relative_advantages, rloo_advantages), on every token of every turn of the episode; returns:
+    the episode's return."""
+    episode_of, group_of = _episodes_and_groups(turns)
+    episode_returns = torch.zeros(int(episode_of.max()) + 1).index_add_(0, episode_of, rewards.sum(dim=1))
+    group_ids = torch.zeros(len(episode_returns), dtype=torch.long).scatter_(0, episode_of, group_of)
+    against_group = rloo_advantages if ppo.advantage_estimator == "rloo" else group_relative_advantages
+    advantages = against_group(episode_returns, group_ids)
     mask = batch["mask"].float()
     return advantages[episode_of, None] * mask, episode_returns[episode_of, None] * mask
+
+
+def gigpo_advantages(turns: list[Transition], batch: dict, rewards: torch.Tensor, ppo: PPOArguments):
+    """gigpo: grpo's episode-level advantage plus --gigpo_step_weight times a step-level one, each turn's return
+    (discounted by --gamma_turn) against those of the group's turns played from the same state (Transition.state_key)
+    (lib.losses.group_in_group_advantages), on every token of the turn; returns: the episode's return."""
+    episode_of, group_of = _episodes_and_groups(turns)
+    states: dict[str, int] = {}
+    state_ids = torch.tensor([states.setdefault(t.state_key, len(states)) for t in turns])
+    turn_rewards = rewards.sum(dim=1)
+    advantages = group_in_group_advantages(turn_rewards, episode_of, group_of, state_ids, gamma=ppo.gamma_turn,
+                                           step_weight=ppo.gigpo_step_weight)
+    episode_returns = torch.zeros(int(episode_of.max()) + 1).index_add_(0, episode_of, turn_rewards)
+    mask = batch["mask"].float()
+    return advantages[:, None] * mask, episode_returns[episode_of, None] * mask
+
+
+def _episodes_and_groups(turns: list[Transition]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per turn, the index of its episode among the batch's (slot, episode) pairs and its group: group members share
+    their episode number (lib.env.BatchEnv group_size)."""
+    episodes: dict[tuple[int, int], int] = {}
+    episode_of = torch.tensor([episodes.setdefault((t.slot, t.episode), len(episodes)) for t in turns])
+    return episode_of, torch.tensor([t.episode for t in turns])
+
+
+# The critic-free estimators' ADVANTAGES (gae's depends on the action mode: token_level_gae, turn_level_gae).
+CRITIC_FREE_ADVANTAGES = {"grpo": group_advantages, "rloo": group_advantages, "gigpo": gigpo_advantages}
 
 
 def slot_rows(turns: list[Transition]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -434,7 +470,7 @@ def main(argv: list[str]) -> None:
         ALL_ARGUMENTS, argv, check_arguments, "iteration", "num_iterations"
     )
     started = time.time()
-    # Models: policy + value head as one module (no value head for grpo); the reference is a frozen copy of the
+    # Models: policy + value head as one module (no value head without gae); the reference is a frozen copy of the
     # starting policy.
     tokenizer, policy = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(policy)
@@ -446,7 +482,7 @@ def main(argv: list[str]) -> None:
     training = TrainingRun(run, arguments, resume_folder, "iteration", ppo.gradient_accumulation_steps, started)
     accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id
     if training.zero3 and not with_critic:
-        sys.exit("error: --advantage_estimator grpo plays whole episodes, a different number of turns on each process, "
+        sys.exit(f"error: --advantage_estimator {ppo.advantage_estimator} plays whole episodes, a different number of turns on each process, "
                  "which ZeRO-3's gathered forwards cannot pair up: use a ZeRO-2 or plain launch config")
     slots = run.num_envs // training.num_processes
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
@@ -485,7 +521,7 @@ def main(argv: list[str]) -> None:
         loss_fn = partial(token_level_loss, ref_model=ref_model, **loss_options)
         estimate = token_level_gae
     if not with_critic:
-        estimate = group_advantages
+        estimate = CRITIC_FREE_ADVANTAGES[ppo.advantage_estimator]
     turns_per_slot = run.turns_per_slot if with_critic else None  # None: whole episodes
     if resume_folder is not None:  # the games continue where the checkpoint left them
         collector.load_state_dict(training.load_process_state()["rollout"])
