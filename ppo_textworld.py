@@ -165,6 +165,8 @@ class ValueHeadArguments:
     value_head_type: str = field(default="linear", metadata={"help": f"Value head: {', '.join(VALUE_HEAD_TYPES)} (mlp: 2 layers)."})
     value_head_hidden_size: int = field(default=0, metadata={"help": "Hidden width of the mlp value head (0: the LM's hidden size)."})
     detach_value_head: bool = field(default=False, metadata={"help": "Detach the value head's input: the value loss does not move the LM."})
+    value_learning_rate: float | None = field(default=None, metadata={"help": "The value head's own learning rate (none: --learning_rate)."})
+    value_warmup_iterations: int = field(default=0, metadata={"help": "First iterations that train the value head alone: the loss is vf_coef * value loss and the policy's learning rate is 0."})
 
 
 ALL_ARGUMENTS = (PPORunArguments, PPOArguments, ValueHeadArguments, RolloutArguments)
@@ -213,6 +215,15 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
         raise ValueError(f"--value_head_type {value_head.value_head_type!r} is unknown; choose one of {', '.join(VALUE_HEAD_TYPES)}")
     if value_head.value_head_hidden_size < 0:
         raise ValueError(f"--value_head_hidden_size must be >= 0, got {value_head.value_head_hidden_size}")
+    if value_head.value_learning_rate is not None and not value_head.value_learning_rate > 0:
+        raise ValueError(f"--value_learning_rate must be positive, got {value_head.value_learning_rate}")
+    if value_head.value_warmup_iterations < 0:
+        raise ValueError(f"--value_warmup_iterations must be >= 0, got {value_head.value_warmup_iterations}")
+    if ppo.advantage_estimator != "gae":
+        for name, unset in (("value_learning_rate", None), ("value_warmup_iterations", 0)):
+            if getattr(value_head, name) != unset:
+                raise ValueError(f"--{name} trains the value head, which --advantage_estimator "
+                                 f"{ppo.advantage_estimator} has none of: drop it, or use gae")
     if run.num_envs % world_size:
         raise ValueError(f"--num_envs {run.num_envs} must be divisible by the number of processes ({world_size})")
     slots = run.num_envs // world_size
@@ -386,7 +397,7 @@ def advantages_and_returns(turns: list[Transition], batch: dict, estimate, kl_co
 # ---- LOSSES: one micro-batch of turns (`index` into the batch) -> (loss, stats, tokens encoded).
 
 def token_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                     temperature: float, pad_id: int, device):
+                     temperature: float, pad_id: int, device, value_only: bool = False):
     """lib.losses.ppo_loss over the response tokens; one forward of prompt + response per turn."""
     width = batch["mask"].shape[1]
     packed = pack_sequences([turns[i].prompt_ids for i in index], [turns[i].response_ids for i in index], pad_id, width)
@@ -402,12 +413,13 @@ def token_level_loss(model, ref_model, turns, batch, index, advantages, returns,
         batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
         returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
         vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        value_only=value_only,
     )
     return loss, stats, int(packed["attention_mask"].sum())
 
 
 def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                    temperature: float, pad_id: int, device, length_normalize: bool):
+                    temperature: float, pad_id: int, device, length_normalize: bool, value_only: bool = False):
     """lib.losses.candidate_ppo_loss over the turns' candidates, rescored with gradient; the value comes from the
     same prompt forward."""
     prompt_ids, candidate_ids = [turns[i].prompt_ids for i in index], [turns[i].candidate_ids for i in index]
@@ -418,24 +430,25 @@ def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, 
         scored["logprobs"], scored["mask"], batch["chosen_index"][index].to(device), batch["logprobs"][index, 0].to(device),
         scored["values"], old_values, advantages[index, 0].to(device), returns[index, 0].to(device),
         scored["ref_logprobs"], clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value, vf_coef=ppo.vf_coef,
-        ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction, value_only=value_only,
     )
     tokens = sum(len(ids) + sum(map(len, rows)) for ids, rows in zip(prompt_ids, candidate_ids))
     return loss, stats, tokens
 
 
 def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, advantages, returns, *, ppo: PPOArguments,
-               parameters: list, where: str) -> tuple[RunningMeans, int]:
+               parameters: list, where: str, value_only: bool = False) -> tuple[RunningMeans, int]:
     """ppo_epochs passes over the turns in a new random order each; each pass is num_minibatches minibatches of
     gradient_accumulation_steps micro-batches (consecutive slices of the order); accelerate steps the optimizer after
-    a minibatch's last micro-batch. Returns the loss figures' running means and the tokens encoded."""
+    a minibatch's last micro-batch (value_only: a value warm-up, the loss is the value term alone). Returns the loss
+    figures' running means and the tokens encoded."""
     figures, tokens = RunningMeans(), 0
     for _ in range(ppo.ppo_epochs):
         order = torch.randperm(len(turns))
         for index in torch.tensor_split(order, ppo.num_minibatches * ppo.gradient_accumulation_steps):
             with accelerator.accumulate(model):
                 loss, stats, encoded = loss_fn(model, turns=turns, batch=batch, index=index, advantages=advantages,
-                                               returns=returns)
+                                               returns=returns, value_only=value_only)
                 finite, stepped, grad_norm = backward_and_step(accelerator, guard, loss, optimizer, parameters,
                                                                ppo.max_grad_norm, where)
             tokens += encoded
@@ -444,6 +457,31 @@ def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, adva
             if stepped:
                 figures.add({"grad_norm": grad_norm or 0.0})
     return figures, tokens
+
+
+def parameter_groups(model: PolicyWithValue, learning_rate: float, value_learning_rate: float | None) -> list[dict]:
+    """The optimizer's parameter groups: the policy's trainable parameters first (POLICY_GROUP: a value warm-up
+    sets its rate to 0), then the value head's (when there is one) at --value_learning_rate, else --learning_rate.
+    Always two groups with a value head, so that a checkpoint's optimizer state fits whatever the rates."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    value = [p for name, p in trainable if name.startswith("value_head.")]
+    groups = [{"params": [p for name, p in trainable if not name.startswith("value_head.")], "lr": learning_rate}]
+    if value:
+        groups.append({"params": value, "lr": learning_rate if value_learning_rate is None else value_learning_rate})
+    return groups
+
+
+POLICY_GROUP = 0  # the index of the policy's parameters among parameter_groups
+
+
+def warm_up_value_head(optimizer, iteration: int, learning_rate: float, warmup_iterations: int) -> bool:
+    """Whether `iteration` trains the value head alone (the first --value_warmup_iterations); sets the policy's
+    learning rate to 0 then, to --learning_rate after. The value-only loss leaves the policy's terms out; the rate of 0
+    keeps the LM where it is although the value loss's gradient reaches it (unless --detach_value_head), and keeps
+    AdamW's weight decay from moving it."""
+    warming_up = iteration <= warmup_iterations
+    optimizer.param_groups[POLICY_GROUP]["lr"] = 0.0 if warming_up else learning_rate
+    return warming_up
 
 
 def build_value_head(policy, model_name_or_path: str, args: ValueHeadArguments) -> ValueHead:
@@ -487,14 +525,15 @@ def main(argv: list[str]) -> None:
     slots = run.num_envs // training.num_processes
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(accelerator, trainable, ppo.learning_rate, max(1, slots * run.turns_per_slot // micro_batches),
+    optimizer = build_optimizer(accelerator, parameter_groups(model, ppo.learning_rate, value_head_args.value_learning_rate),
+                                ppo.learning_rate, max(1, slots * run.turns_per_slot // micro_batches),
                                 ppo.gradient_accumulation_steps, ppo.max_grad_norm)
     model, optimizer, ref_model = training.prepare(model, optimizer, ref_model)
     generate_kwargs = {"synced_gpus": True} if training.zero3 else {}
     kl_controller = (
         AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
     )
-    start_iteration = training.resume(optimizer, ppo.learning_rate)
+    start_iteration = training.resume(optimizer)
     if "kl_controller" in training.state:  # in the trainer state (JSON): accelerate would pickle a registered object
         kl_controller.load_state_dict(training.state["kl_controller"])
 
@@ -559,11 +598,12 @@ def main(argv: list[str]) -> None:
         where = f"iteration {iteration}"
         checked = [batch["rewards"], batch["logprobs"], advantages, returns] + ([batch["values"]] if with_critic else [])
         figures, update_tokens = RunningMeans(), 0
+        value_only = warm_up_value_head(optimizer, iteration, ppo.learning_rate, value_head_args.value_warmup_iterations)
         if training.guard.finite_batch(checked, where):
             model.train()
             figures, update_tokens = ppo_update(
                 accelerator, model, optimizer, training.guard, loss_fn, turns, batch, advantages, returns, ppo=ppo,
-                parameters=trainable, where=where,
+                parameters=trainable, where=where, value_only=value_only,
             )
             model.eval()
         update_time = time.time() - started

@@ -397,13 +397,15 @@ def ppo_loss(
     ent_coef: float,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
+    value_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO objective of one minibatch, averaged over all valid tokens of all its responses.
 
     logits (B, T, V) predict labels (B, T) (already divided by the sampling temperature); values and the other
     inputs (B, T); values None (no value head, critic-free advantages) leaves the value term out. loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
                           + kl_loss_coef * masked_mean(exact_kl(logits, ref_logits, kl_direction))
-    (the KL term only when ref_logits is given). Stats: detached 0-d tensors.
+    (the KL term only when ref_logits is given). value_only (a value warm-up): loss = vf_coef * value_loss alone,
+    the policy's terms still in the stats but not in the loss nor its gradient. Stats: detached 0-d tensors.
     """
     logprobs = logprobs_from_logits(logits, labels)
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
@@ -416,6 +418,8 @@ def ppo_loss(
     if ref_logits is not None:
         kl_loss = masked_mean(exact_kl(logits, ref_logits, direction=kl_direction), mask)
         loss = loss + kl_loss_coef * kl_loss
+    if value_only:
+        loss = vf_coef * vf_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
 
@@ -456,6 +460,7 @@ def candidate_ppo_loss(
     ent_coef: float,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
+    value_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO objective at turn level (score mode): one decision per turn, a choice among the state's candidates.
 
@@ -464,7 +469,8 @@ def candidate_ppo_loss(
     log-prob; values, old_values, advantages, returns (N,) (values None: no value term). ref_logprobs (N, K): the reference's log-probs over the
     same candidates. loss = policy_loss(chosen) + vf_coef * value_loss - ent_coef * H(pi)
                             + kl_loss_coef * KL(pi || ref) (or KL(ref || pi) when forward), KL and H exact over the
-    candidates; every term averaged over the turns. Stats: those of ppo_loss.
+    candidates; every term averaged over the turns. value_only: vf_coef * value_loss alone, as in ppo_loss. Stats:
+    those of ppo_loss.
     """
     turns = torch.ones_like(old_logprobs, dtype=torch.bool)[:, None]  # each turn: a one-token response
     chosen_logprobs = logprobs.gather(1, chosen[:, None])
@@ -487,6 +493,8 @@ def candidate_ppo_loss(
             kl = masked_sum(ref_logprobs.exp() * (ref_logprobs - logprobs), mask, dim=1)
         kl_loss = kl.mean()
         loss = loss + kl_loss_coef * kl_loss
+    if value_only:
+        loss = vf_coef * vf_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
 

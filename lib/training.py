@@ -317,7 +317,9 @@ def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir:
 def build_optimizer(accelerator, parameters: list, learning_rate: float, micro_batch_size: int,
                     gradient_accumulation_steps: int, max_grad_norm: float) -> torch.optim.Optimizer:
     """AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload (which refuses a torch optimizer: the step runs where the
-    states live). Under DeepSpeed also sets the batch sizes it would read from a DataLoader we do not have, and its
+    states live), over `parameters`: tensors, or parameter groups (dicts with their own "lr"; DeepSpeed's ZeRO keeps
+    the groups of an optimizer it is given, and their rates); `learning_rate` for groups without one. Under DeepSpeed
+    also sets the batch sizes it would read from a DataLoader we do not have, and its
     gradient clipping (DeepSpeed clips by itself)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -778,12 +780,14 @@ class TrainingRun:
         model.eval()
         return model, optimizer, None if ref_model is None else prepare_reference(ref_model, self.accelerator)
 
-    def resume(self, optimizer, learning_rate: float) -> int:
+    def resume(self, optimizer) -> int:
         """Load the checkpoint to resume from (weights, optimizer, RNG states, trainer state), start the trackers;
-        returns the first step to run."""
+        returns the first step to run. Each parameter group keeps the learning rate the script built it with."""
         if self.resume_folder is not None:
+            # The learning rate flags may change on resume; the saved optimizer state holds the old rates.
+            learning_rates = [group["lr"] for group in optimizer.param_groups]
             self.accelerator.load_state(str(self.resume_folder / TRAINING_STATE_DIR))
-            for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
+            for group, learning_rate in zip(optimizer.param_groups, learning_rates):
                 group["lr"] = learning_rate
             self.state = read_json_object(self.resume_folder / TRAINER_STATE_FILE)
             self.state["eval_held_out"] = self.held_out  # --eval_games may change on resume

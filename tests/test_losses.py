@@ -527,6 +527,34 @@ def test_candidate_ppo_loss_hand_example(direction):
     assert torch.allclose(logprobs.grad, expected) and stats["kl_loss"] == 0
 
 
+def test_value_only_losses_are_the_value_term_alone_and_leave_the_policy_without_gradient():
+    """A value warm-up iteration: loss = vf_coef * value_loss, no gradient reaches the logits or log-probs (the
+    entropy and exact-KL terms are on too), and the stats still report the policy's figures."""
+    torch.manual_seed(30)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    labels, mask = torch.randint(0, 5, (2, 3)), prefix_mask([3, 2], 3)
+    per_token = [torch.randn(2, 3, dtype=torch.float64) for _ in range(4)]  # old log-probs, old values, A, R
+    options = {"clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.7, "ent_coef": 0.1, "kl_loss_coef": 0.3}
+    ref_logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    full, full_stats = ppo_loss(logits, values, labels, mask, *per_token, ref_logits, **options)
+    loss, stats = ppo_loss(logits, values, labels, mask, *per_token, ref_logits, **options, value_only=True)
+    assert loss.item() == pytest.approx(0.7 * stats["value_loss"].item())
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx({k: v.item() for k, v in full_stats.items()})
+    loss.backward()
+    assert logits.grad is None and values.grad.abs().sum() > 0
+
+    logprobs = torch.randn(2, 4, dtype=torch.float64).log_softmax(dim=1).requires_grad_(True)
+    values = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    per_turn = [torch.randn(2, dtype=torch.float64) for _ in range(4)]  # old log-probs, old values, A, R
+    loss, stats = candidate_ppo_loss(logprobs, torch.ones(2, 4, dtype=torch.bool), torch.tensor([1, 3]), per_turn[0],
+                                     values, *per_turn[1:], logprobs.detach().flip(1), **options, value_only=True)
+    assert loss.item() == pytest.approx(0.7 * stats["value_loss"].item())
+    assert stats["policy_loss"] != 0 and stats["entropy"] > 0
+    loss.backward()
+    assert logprobs.grad is None and values.grad.abs().sum() > 0
+
+
 def entropy_of(p):
     return -sum(a * math.log(a) for a in p)
 

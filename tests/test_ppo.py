@@ -98,6 +98,10 @@ BAD_FLAGS = [
     (["--advantage_estimator", "gigpo", "--group_size", "2", "--num_envs", "4"], "--num_minibatches"),
     (["--advantage_estimator", "rloo", "--group_size", "4", "--num_envs", "6"], "--group_size"),  # 6 slots, groups of 4
     (["--advantage_estimator", "gigpo", "--group_size", "2", "--gigpo_step_weight=-1"], "--gigpo_step_weight"),
+    (["--value_learning_rate", "0"], "--value_learning_rate"),
+    (["--value_warmup_iterations=-1"], "--value_warmup_iterations"),
+    (["--advantage_estimator", "grpo", "--group_size", "2", "--value_learning_rate", "1e-4"], "--value_learning_rate"),
+    (["--advantage_estimator", "gigpo", "--group_size", "2", "--value_warmup_iterations", "1"], "--value_warmup_iterations"),
 ]
 
 
@@ -224,8 +228,14 @@ def tiny_run_args(tiny_model_path, tiny_games, output_dir, **overrides):
 
 def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
-    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, save_every=1, save_total_limit=0))
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, save_every=1, save_total_limit=0,
+                                   value_warmup_iterations=1, value_learning_rate=3e-3))
     assert "random-admissible" in log and "before training" in log and "after training" in log
+    # Iteration 1 trained the value head alone (all zeros at the start); iteration 2 the policy too (below).
+    start = load_model(tiny_model_path).state_dict()
+    warmed_up = load_model(str(output / "checkpoints" / "checkpoint-1")).state_dict()
+    assert all(torch.equal(tensor, start[name]) for name, tensor in warmed_up.items())
+    assert load_value_head(output / "checkpoints" / "checkpoint-1").net.weight.any()
 
     checkpoint = output / "checkpoints" / "checkpoint-2"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "value_head.safetensors", "README.md",
@@ -248,7 +258,6 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
     head = load_value_head(checkpoint)
     assert torch.equal(head.net.weight, state["value_head.net.weight"])
     # Only the trainable top moved: frozen layer 0 and the (tied) embeddings are the starting model's.
-    start = load_model(tiny_model_path).state_dict()
     assert torch.equal(reloaded["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(reloaded["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     assert not torch.equal(reloaded["model.layers.1.mlp.up_proj.weight"], start["model.layers.1.mlp.up_proj.weight"])
@@ -257,8 +266,9 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
 
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 * 2  # num_envs * turns_per_slot * iterations
-    # The reference stayed where it started: after one update the policy has moved away from it.
-    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) > 1e-6
+    # The warm-up left the policy on the reference: iteration 2 played with it (and the resumed run's iteration 3,
+    # below, with the policy iteration 2 moved away from the reference, which stayed where it started).
+    assert max(abs(kl) for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) < 1e-6
     assert list((output / "runs").rglob("events.out.tfevents*"))
 
     log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=3, resume_from_checkpoint="latest"))
@@ -266,20 +276,24 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
     assert json.loads((output / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["iteration"] == 3
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 * 3 and sorted(set(dataset["iteration"])) == [1, 2, 3]
+    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 3) > 1e-6
 
 
 def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
-    log = run_script(
-        tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none"), launcher, timeout=600
-    )
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
+                                   value_warmup_iterations=1, value_learning_rate=3e-3), launcher, timeout=600)
     assert "after training" in log
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 and sorted(set(dataset["process"])) == [0, 1]
     assert sorted(set(dataset["game"])) == sorted(tiny_games)  # each process played its own game
     assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
-    assert load_value_head(output).config()["head_type"] == "linear"
+    # ZeRO-2 kept the optimizer's parameter groups and their rates: the warm-up moved the value head alone.
+    head = load_value_head(output)
+    assert head.config()["head_type"] == "linear" and head.net.weight.any()
+    start = load_model(tiny_model_path).state_dict()
+    assert all(torch.equal(tensor, start[name]) for name, tensor in load_model(str(output)).state_dict().items())
 
 
 def check_score_mode_rollouts(output, rows):

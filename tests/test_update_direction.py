@@ -16,7 +16,7 @@ from lib.rollout import Transition
 from lib.scoring import encode_candidates, score_candidates
 from lib.prompts import PromptConfig
 from lib.sequences import score_sequences
-from lib.training import NonFiniteGuard
+from lib.training import NonFiniteGuard, build_optimizer
 from lib.value_head import PolicyWithValue, ValueHead
 
 PROMPTS = ["You are in a kitchen. A door leads north.", "You see a chest and a key on the floor of the cellar."]
@@ -89,8 +89,8 @@ def chosen_logprobs(model, turns, tokenizer, score_mode):
         return [float(scored["logprobs"][i, : len(t.response_ids)].sum()) for i, t in enumerate(turns)]
 
 
-def one_update(model, ref, tokenizer, turns, score_mode, ppo):
-    """The script's path from collected turns to one optimizer step."""
+def one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer=None, value_only=False):
+    """The script's path from collected turns to one optimizer step (plain SGD unless `optimizer` is given)."""
     accelerator = Accelerator(gradient_accumulation_steps=ppo.gradient_accumulation_steps)
     options = {"ppo": ppo, "temperature": 1.0, "pad_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
     if score_mode:
@@ -105,10 +105,10 @@ def one_update(model, ref, tokenizer, turns, score_mode, ppo):
         estimate = ppo_textworld.CRITIC_FREE_ADVANTAGES[ppo.advantage_estimator]
     _, advantages, raw_advantages, returns = ppo_textworld.advantages_and_returns(turns, batch, estimate, ppo.kl_coef, ppo)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=ppo.learning_rate)
+    optimizer = optimizer or torch.optim.SGD(parameters, lr=ppo.learning_rate)
     model.train()
     ppo_textworld.ppo_update(accelerator, model, optimizer, NonFiniteGuard(accelerator, 3), loss_fn, turns, batch,
-                             advantages, returns, ppo=ppo, parameters=parameters, where="test")
+                             advantages, returns, ppo=ppo, parameters=parameters, where="test", value_only=value_only)
     model.eval()
     return raw_advantages
 
@@ -160,3 +160,36 @@ def test_one_critic_free_update_raises_the_better_episode_of_a_group(tiny_model_
     assert raw_advantages[:, 0].tolist() == pytest.approx([advantage, -advantage], abs=1e-5)
     after = chosen_logprobs(model, turns, tokenizer, score_mode)
     assert after[0] > before[0] + 1e-4 and after[1] < before[1] - 1e-4
+
+
+@pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
+@pytest.mark.parametrize("detach", [False, True], ids=["shared", "detached"])
+def test_a_value_warmup_iteration_moves_the_value_head_alone(tiny_model_path, tokenizer, score_mode, detach):
+    """--value_warmup_iterations 1 and --value_learning_rate: the script's parameter groups under AdamW; in the
+    warm-up iteration the policy's weights stay exactly as they were (even where the value loss's gradient reaches
+    the shared LM), the value head learns; with a detached head the policy's terms give the LM no gradient at all.
+    The next iteration gives the policy its rate back."""
+    model, ref = fresh_model(tiny_model_path)
+    model.value_head.detach_input = detach
+    turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    ppo = ppo_textworld.PPOArguments(learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1,
+                                     kl_coef=0.0, lam=1.0, max_grad_norm=1e9, ent_coef=0.1, kl_loss_coef=0.1)
+    groups = ppo_textworld.parameter_groups(model, ppo.learning_rate, 0.05)
+    optimizer = build_optimizer(Accelerator(), groups, ppo.learning_rate, 2, 1, ppo.max_grad_norm)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.05]
+    assert [len(group["params"]) for group in optimizer.param_groups] == [
+        sum(p.requires_grad for p in model.policy.parameters()), len(list(model.value_head.parameters()))]
+    policy = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+    head = {name: p.detach().clone() for name, p in model.value_head.named_parameters()}
+
+    assert ppo_textworld.warm_up_value_head(optimizer, 1, ppo.learning_rate, 1)
+    one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer, value_only=True)
+    assert all(torch.equal(p, policy[name]) for name, p in model.policy.named_parameters())
+    assert any(not torch.equal(p, head[name]) for name, p in model.value_head.named_parameters())
+    if detach:  # no policy term in the loss: the LM got no gradient, so AdamW kept no state for it
+        assert not any(optimizer.state.get(p) for p in model.policy.parameters())
+
+    assert not ppo_textworld.warm_up_value_head(optimizer, 2, ppo.learning_rate, 1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.05]
+    one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer)
+    assert any(not torch.equal(p, policy[name]) for name, p in model.policy.named_parameters())
