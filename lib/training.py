@@ -59,6 +59,7 @@ from lib.models import (
     DEFAULT_MODEL,
     DTYPES,
     ModelError,
+    fit_tokenizer_to_model,
     load_model,
     load_tokenizer,
     newest_checkpoint,
@@ -216,7 +217,9 @@ def load_policy_or_exit(run: RunArguments, prompts: PromptConfig):
     try:
         tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
         check_prompt_budget(prompts, tokenizer)
-        return tokenizer, load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+        policy = load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+        fit_tokenizer_to_model(tokenizer, policy)
+        return tokenizer, policy
     except ValueError as error:  # lib.models.ModelError, or a budget too small
         sys.exit(f"error: {error}")
 
