@@ -222,8 +222,9 @@ def test_the_context_comes_from_the_model_else_a_fallback(tokenizer, tiny_model_
     assert unknown.model_max_length > 10**20  # transformers' placeholder: the packaged tokenizer knows no context
     assert context_tokens(unknown) == FALLBACK_CONTEXT_TOKENS
     model = load_model(tiny_model_path)
+    model.config.max_position_embeddings = 1024  # not the fallback's 2048
     fit_tokenizer_to_model(unknown, model)
-    assert context_tokens(unknown) == model.config.max_position_embeddings
+    assert context_tokens(unknown) == 1024
     unknown.model_max_length = 512  # a tokenizer that knows a shorter context keeps it
     fit_tokenizer_to_model(unknown, model)
     assert context_tokens(unknown) == 512
