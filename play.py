@@ -47,7 +47,15 @@ from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
 from lib.generation import GenerationConfig
 from lib.hub import check_push_flag, push_failure_message
-from lib.models import DEFAULT_MODEL, DTYPES, ModelError, load_model, load_tokenizer, resolve_model
+from lib.models import (
+    DEFAULT_MODEL,
+    DTYPES,
+    ModelError,
+    fit_tokenizer_to_model,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from lib.prompts import PROMPT_FORMATS, PromptConfig, check_prompt_budget
 from lib.run_folder import (
     check_games_dir,
@@ -331,6 +339,7 @@ def make_agent(args: Args, tokenizer):
     set_seed(args.seed)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
+    fit_tokenizer_to_model(tokenizer, model)
     if args.action_mode == "score":
         return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args))
     return ModelAgent(model, tokenizer, generation_config(args))

@@ -6,6 +6,7 @@ Launch:
     python ppo_textworld.py --action_mode generate              # write commands instead of choosing admissible ones
     python ppo_textworld.py --action_mode generate --reward letter_e  # the toy task: say many 'e'
     python ppo_textworld.py --advantage_estimator grpo --group_size 4  # no value head: episodes against their group
+    python ppo_textworld.py --advantage_estimator gigpo --group_size 4  # ... plus turns against same-state turns
     python ppo_textworld.py configs/ppo_hard.yaml --seed 1      # flags from a YAML file, then overrides
     python ppo_textworld.py --resume_from_checkpoint latest     # continue outputs/ppo where it stopped
     accelerate launch --config_file accelerate_configs/zero2.yaml ppo_textworld.py --model_name_or_path ...
@@ -13,7 +14,7 @@ Launch:
 
 One iteration (main(), top to bottom):
   1. rollout (lib/rollout.py): each process plays turns_per_slot turns in each of its num_envs / num_processes game
-     slots (whole episodes with --advantage_estimator grpo), caching per response token the behaviour log-prob, the
+     slots (whole episodes with the critic-free estimators), caching per response token the behaviour log-prob, the
      reference log-prob and the value (values[0]: the turn's state), per turn the reward (reward_fn: the --reward
      chain by default; pass your own, see REWARD_FN below) and next_value (the value of the state the turn led to);
   2. rewards per token: -kl_coef * KL estimate (k1/k2/k3 of log pi - log ref) at every token, plus the turn's
@@ -37,10 +38,14 @@ What differs between the action modes is chosen once, before the loop (`collate`
     each slot's turns (lib.losses.turn_gae: gamma_turn, lam). Loss: lib.losses.candidate_ppo_loss, clipping the
     ratio of the chosen command's probability, with entropy and exact KL over the candidates; every micro-batch
     rescores its turns' candidates with gradient (one packed row per state, lib.scoring.candidate_logprobs_packed).
-  --advantage_estimator grpo (either mode): no value head is built or saved. The slots play in groups of
-    --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
-    iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's
-    (lib.losses.group_relative_advantages), given to every token of every turn of the episode.
+  --advantage_estimator grpo, rloo or gigpo (either mode): no value head is built or saved. The slots play in groups
+    of --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
+    iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's, given to
+    every token of every turn of the episode: grpo normalizes it within the group (lib.losses.
+    group_relative_advantages), rloo subtracts the mean of the group's other returns (lib.losses.rloo_advantages);
+    gigpo adds to grpo's, per turn, --gigpo_step_weight times the turn's return (discounted by --gamma_turn)
+    normalized among the group's turns played from the same state (Transition.state_key; lib.losses.
+    group_in_group_advantages).
 An update that meets a NaN or inf (loss, gradient norm, rewards, values, advantages) is skipped with a warning
 (lib.training.NonFiniteGuard); --max_nonfinite_updates in a row stop the run before it saves.
 Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is
@@ -82,6 +87,7 @@ from lib.losses import (
     candidate_ppo_loss,
     explained_variance,
     gae_advantages,
+    group_in_group_advantages,
     group_relative_advantages,
     kl_estimate,
     masked_mean,
@@ -90,6 +96,7 @@ from lib.losses import (
     mean_var_from_moments,
     penalized_rewards,
     ppo_loss,
+    rloo_advantages,
     turn_gae,
     whiten_with_stats,
 )
@@ -113,14 +120,15 @@ from lib.training import (
 )
 from lib.value_head import VALUE_HEAD_FILE, VALUE_HEAD_TYPES, PolicyWithValue, ValueHead, load_value_head
 
-ADVANTAGE_ESTIMATORS = ("gae", "grpo")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "gigpo")
+CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]  # groups of whole episodes, no value head
 
 
 @dataclass
 class PPORunArguments(RunArguments):
     output_dir: str = field(default="outputs/ppo", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
     num_iterations: int = field(default=6, metadata={"help": "PPO iterations (rollout + update)."})
-    turns_per_slot: int = field(default=8, metadata={"help": "Turns each slot plays per iteration (gae); the batch is num_envs * turns_per_slot turns. grpo plays whole episodes."})
+    turns_per_slot: int = field(default=8, metadata={"help": "Turns each slot plays per iteration (gae); the batch is num_envs * turns_per_slot turns. The critic-free estimators play whole episodes."})
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
     save_every: int = field(default=2, metadata={"help": "Checkpoint every N iterations (0: only at the end); a stopped run resumes from the newest."})
 
@@ -136,10 +144,11 @@ class PPOArguments:
     clip_range_value: float | None = field(default=0.2, metadata={"help": "Value clip range around the rollout values (none: no value clipping)."})
     vf_coef: float = field(default=0.1, metadata={"help": "Weight of the value loss."})
     ent_coef: float = field(default=0.0, metadata={"help": "Weight of the entropy bonus."})
-    advantage_estimator: str = field(default="gae", metadata={"help": f"{' or '.join(ADVANTAGE_ESTIMATORS)}: GAE with a value head, or each episode against its group (no value head)."})
-    group_size: int = field(default=1, metadata={"help": "Slots per group playing the same game from the same start (grpo: at least 2)."})
+    advantage_estimator: str = field(default="gae", metadata={"help": f"{', '.join(ADVANTAGE_ESTIMATORS)}: GAE with a value head; or, without one, each episode against its group: normalized (grpo), against the others' mean (rloo), plus each turn against the group's turns from the same state (gigpo)."})
+    group_size: int = field(default=1, metadata={"help": f"Slots per group playing the same game from the same start ({'/'.join(CRITIC_FREE_ESTIMATORS)}: at least 2)."})
+    gigpo_step_weight: float = field(default=1.0, metadata={"help": "gigpo: weight (omega) of the step-level advantage added to the episode-level one."})
     gamma_token: float = field(default=1.0, metadata={"help": "Discount between tokens of one response (generate mode)."})
-    gamma_turn: float = field(default=0.95, metadata={"help": "Discount between turns (applied to next_value)."})
+    gamma_turn: float = field(default=0.95, metadata={"help": "Discount between turns (gae: applied to next_value; gigpo: in the turns' returns of the step level)."})
     lam: float = field(default=0.95, metadata={"help": "GAE lambda."})
     kl_coef: float = field(default=0.05, metadata={"help": "KL penalty coefficient in the per-token reward (initial value when adaptive)."})
     kl_estimator: str = field(default="k3", metadata={"help": f"Per-token KL estimator in the reward: {', '.join(KL_ESTIMATORS)}."})
@@ -157,6 +166,8 @@ class ValueHeadArguments:
     value_head_type: str = field(default="linear", metadata={"help": f"Value head: {', '.join(VALUE_HEAD_TYPES)} (mlp: 2 layers)."})
     value_head_hidden_size: int = field(default=0, metadata={"help": "Hidden width of the mlp value head (0: the LM's hidden size)."})
     detach_value_head: bool = field(default=False, metadata={"help": "Detach the value head's input: the value loss does not move the LM."})
+    value_learning_rate: float | None = field(default=None, metadata={"help": "The value head's own learning rate (none: --learning_rate)."})
+    value_warmup_iterations: int = field(default=0, metadata={"help": "First iterations that train the value head alone: the loss is vf_coef * value loss and the policy's learning rate is 0."})
 
 
 ALL_ARGUMENTS = (PPORunArguments, PPOArguments, ValueHeadArguments, RolloutArguments)
@@ -187,7 +198,7 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
     for name in ("eval_every", "save_every"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
-    for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef"):
+    for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef", "gigpo_step_weight"):
         if getattr(ppo, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(ppo, name)}")
     for name in ("gamma_token", "gamma_turn", "lam"):
@@ -205,6 +216,15 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
         raise ValueError(f"--value_head_type {value_head.value_head_type!r} is unknown; choose one of {', '.join(VALUE_HEAD_TYPES)}")
     if value_head.value_head_hidden_size < 0:
         raise ValueError(f"--value_head_hidden_size must be >= 0, got {value_head.value_head_hidden_size}")
+    if value_head.value_learning_rate is not None and not value_head.value_learning_rate > 0:
+        raise ValueError(f"--value_learning_rate must be positive, got {value_head.value_learning_rate}")
+    if value_head.value_warmup_iterations < 0:
+        raise ValueError(f"--value_warmup_iterations must be >= 0, got {value_head.value_warmup_iterations}")
+    if ppo.advantage_estimator != "gae":
+        for name, unset in (("value_learning_rate", None), ("value_warmup_iterations", 0)):
+            if getattr(value_head, name) != unset:
+                raise ValueError(f"--{name} trains the value head, which --advantage_estimator "
+                                 f"{ppo.advantage_estimator} has none of: drop it, or use gae")
     if run.num_envs % world_size:
         raise ValueError(f"--num_envs {run.num_envs} must be divisible by the number of processes ({world_size})")
     slots = run.num_envs // world_size
@@ -212,12 +232,15 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
         raise ValueError(f"each process's {slots} slots (num_envs / processes) must be divisible by --group_size {ppo.group_size}")
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     if ppo.advantage_estimator == "gae" and ppo.group_size != 1:
-        raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator grpo; gae plays every slot alone (1)")
-    if ppo.advantage_estimator == "grpo" and ppo.group_size < 2:
-        raise ValueError(f"--advantage_estimator grpo compares the episodes of a group: --group_size must be at least 2, got {ppo.group_size}")
-    if ppo.advantage_estimator == "grpo" or rollout.context == "episode":
+        raise ValueError(f"--group_size {ppo.group_size} groups slots for --advantage_estimator "
+                         f"{'/'.join(CRITIC_FREE_ESTIMATORS)}; gae plays every slot alone (1)")
+    critic_free = ppo.advantage_estimator in CRITIC_FREE_ESTIMATORS
+    if critic_free and ppo.group_size < 2:
+        raise ValueError(f"--advantage_estimator {ppo.advantage_estimator} compares the episodes of a group: "
+                         f"--group_size must be at least 2, got {ppo.group_size}")
+    if critic_free or rollout.context == "episode":
         if slots < micro_batches:  # every slot plays at least one turn (one stream): every micro-batch then gets one
-            why = ("grpo, whose batches vary with the episodes' lengths" if ppo.advantage_estimator == "grpo" else
+            why = (f"{ppo.advantage_estimator}, whose batches vary with the episodes' lengths" if critic_free else
                    "--context episode, whose micro-batches hold whole streams")
             raise ValueError(
                 f"each process's {slots} slots must be at least --num_minibatches * --gradient_accumulation_steps "
@@ -302,18 +325,43 @@ def turn_level_gae(turns: list[Transition], batch: dict, rewards: torch.Tensor, 
 
 
 def group_advantages(turns: list[Transition], batch: dict, rewards: torch.Tensor, ppo: PPOArguments):
-    """GRPO: an episode's return (its turns' rewards summed) against the other episodes of its group, on every
-    token of every turn of the episode; returns: the episode's return. Group members share their episode number
-    (lib.env.BatchEnv group_size)."""
-    episodes = {}  # (slot, episode) -> its index among the batch's episodes
-    for turn in turns:
-        episodes.setdefault((turn.slot, turn.episode), len(episodes))
-    episode_of = torch.tensor([episodes[(t.slot, t.episode)] for t in turns])
-    episode_returns = torch.zeros(len(episodes)).index_add_(0, episode_of, rewards.sum(dim=1))
-    group_ids = torch.tensor([episode for _, episode in episodes])
-    advantages = group_relative_advantages(episode_returns, group_ids)
+    """grpo and rloo: an episode's return (its turns' rewards summed) against the other episodes of its group
+    (lib.losses.group_relative_advantages, rloo_advantages), on every token of every turn of the episode; returns:
+    the episode's return."""
+    episode_of, group_of = _episodes_and_groups(turns)
+    episode_returns = torch.zeros(int(episode_of.max()) + 1).index_add_(0, episode_of, rewards.sum(dim=1))
+    group_ids = torch.zeros(len(episode_returns), dtype=torch.long).scatter_(0, episode_of, group_of)
+    against_group = rloo_advantages if ppo.advantage_estimator == "rloo" else group_relative_advantages
+    advantages = against_group(episode_returns, group_ids)
     mask = batch["mask"].float()
     return advantages[episode_of, None] * mask, episode_returns[episode_of, None] * mask
+
+
+def gigpo_advantages(turns: list[Transition], batch: dict, rewards: torch.Tensor, ppo: PPOArguments):
+    """gigpo: grpo's episode-level advantage plus --gigpo_step_weight times a step-level one, each turn's return
+    (discounted by --gamma_turn) against those of the group's turns played from the same state (Transition.state_key)
+    (lib.losses.group_in_group_advantages), on every token of the turn; returns: the episode's return."""
+    episode_of, group_of = _episodes_and_groups(turns)
+    states: dict[str, int] = {}
+    state_ids = torch.tensor([states.setdefault(t.state_key, len(states)) for t in turns])
+    turn_rewards = rewards.sum(dim=1)
+    advantages = group_in_group_advantages(turn_rewards, episode_of, group_of, state_ids, gamma=ppo.gamma_turn,
+                                           step_weight=ppo.gigpo_step_weight)
+    episode_returns = torch.zeros(int(episode_of.max()) + 1).index_add_(0, episode_of, turn_rewards)
+    mask = batch["mask"].float()
+    return advantages[:, None] * mask, episode_returns[episode_of, None] * mask
+
+
+def _episodes_and_groups(turns: list[Transition]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per turn, the index of its episode among the batch's (slot, episode) pairs and its group: group members share
+    their episode number (lib.env.BatchEnv group_size)."""
+    episodes: dict[tuple[int, int], int] = {}
+    episode_of = torch.tensor([episodes.setdefault((t.slot, t.episode), len(episodes)) for t in turns])
+    return episode_of, torch.tensor([t.episode for t in turns])
+
+
+# The critic-free estimators' ADVANTAGES (gae's depends on the action mode: token_level_gae, turn_level_gae).
+CRITIC_FREE_ADVANTAGES = {"grpo": group_advantages, "rloo": group_advantages, "gigpo": gigpo_advantages}
 
 
 def slot_rows(turns: list[Transition]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,7 +401,7 @@ def advantages_and_returns(turns: list[Transition], batch: dict, estimate, kl_co
 # ---- LOSSES: one micro-batch of turns (`index` into the batch) -> (loss, stats, tokens encoded).
 
 def token_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                     temperature: float, pad_id: int, device):
+                     temperature: float, pad_id: int, device, value_only: bool = False):
     """lib.losses.ppo_loss over the response tokens; one forward of prompt + response per turn."""
     width = batch["mask"].shape[1]
     packed = pack_sequences([turns[i].prompt_ids for i in index], [turns[i].response_ids for i in index], pad_id, width)
@@ -369,12 +417,13 @@ def token_level_loss(model, ref_model, turns, batch, index, advantages, returns,
         batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
         returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
         vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        value_only=value_only,
     )
     return loss, stats, int(packed["attention_mask"].sum())
 
 
 def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                    temperature: float, pad_id: int, device, length_normalize: bool):
+                    temperature: float, pad_id: int, device, length_normalize: bool, value_only: bool = False):
     """lib.losses.candidate_ppo_loss over the turns' candidates, rescored with gradient; the value comes from the
     same prompt forward."""
     prompt_ids, candidate_ids = [turns[i].prompt_ids for i in index], [turns[i].candidate_ids for i in index]
@@ -385,7 +434,7 @@ def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, 
         scored["logprobs"], scored["mask"], batch["chosen_index"][index].to(device), batch["logprobs"][index, 0].to(device),
         scored["values"], old_values, advantages[index, 0].to(device), returns[index, 0].to(device),
         scored["ref_logprobs"], clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value, vf_coef=ppo.vf_coef,
-        ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction, value_only=value_only,
     )
     tokens = sum(len(ids) + sum(map(len, rows)) for ids, rows in zip(prompt_ids, candidate_ids))
     return loss, stats, tokens
@@ -404,7 +453,7 @@ def stream_segments(turns: list[Transition], index: torch.Tensor) -> list[dict]:
 
 
 def stream_token_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                      temperature: float, pad_id: int, device):
+                      temperature: float, pad_id: int, device, value_only: bool = False):
     """token_level_loss on streams: one forward per stream (its turns' prompt and response tokens), the loss on the
     response tokens only."""
     packed = pack_stream_segments(stream_segments(turns, index), pad_id)
@@ -422,12 +471,13 @@ def stream_token_loss(model, ref_model, turns, batch, index, advantages, returns
         batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
         returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
         vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        value_only=value_only,
     )
     return loss, stats, packed["tokens"]
 
 
 def stream_turn_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                     temperature: float, pad_id: int, device, length_normalize: bool):
+                     temperature: float, pad_id: int, device, length_normalize: bool, value_only: bool = False):
     """turn_level_loss on streams: each turn's candidates rescored with gradient in one forward per stream
     (candidate blocks beside the stream), the value at each turn's last prompt token."""
     packed = pack_stream_segments(stream_segments(turns, index), pad_id)
@@ -448,6 +498,7 @@ def stream_turn_loss(model, ref_model, turns, batch, index, advantages, returns,
         None if values is None else values.float(), old_values, advantages[index, 0].to(device),
         returns[index, 0].to(device), ref_logprobs, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
         vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        value_only=value_only,
     )
     return loss, stats, packed["tokens"]
 
@@ -461,11 +512,13 @@ def stream_units(turns: list[Transition]) -> list[list[int]]:
 
 
 def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, advantages, returns, *, ppo: PPOArguments,
-               parameters: list, where: str, units: list[list[int]] | None = None) -> tuple[RunningMeans, int]:
+               parameters: list, where: str, units: list[list[int]] | None = None,
+               value_only: bool = False) -> tuple[RunningMeans, int]:
     """ppo_epochs passes over the turns in a new random order each; each pass is num_minibatches minibatches of
     gradient_accumulation_steps micro-batches (consecutive slices of the order); accelerate steps the optimizer after
     a minibatch's last micro-batch. `units` (episode context: whole streams) are shuffled and split instead of
-    single turns. Returns the loss figures' running means and the tokens encoded."""
+    single turns; value_only: a value warm-up, the loss is the value term alone. Returns the loss figures' running
+    means and the tokens encoded."""
     figures, tokens = RunningMeans(), 0
     units = units or [[i] for i in range(len(turns))]
     for _ in range(ppo.ppo_epochs):
@@ -474,7 +527,7 @@ def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, adva
             index = torch.tensor([i for unit in part.tolist() for i in units[unit]], dtype=torch.long)
             with accelerator.accumulate(model):
                 loss, stats, encoded = loss_fn(model, turns=turns, batch=batch, index=index, advantages=advantages,
-                                               returns=returns)
+                                               returns=returns, value_only=value_only)
                 finite, stepped, grad_norm = backward_and_step(accelerator, guard, loss, optimizer, parameters,
                                                                ppo.max_grad_norm, where)
             tokens += encoded
@@ -483,6 +536,33 @@ def ppo_update(accelerator, model, optimizer, guard, loss_fn, turns, batch, adva
             if stepped:
                 figures.add({"grad_norm": grad_norm or 0.0})
     return figures, tokens
+
+
+def parameter_groups(model: PolicyWithValue, learning_rate: float, args: ValueHeadArguments) -> list[dict]:
+    """The optimizer's parameter groups: one at --learning_rate, or, with --value_learning_rate or a value warm-up,
+    the policy's trainable parameters (POLICY_GROUP: the warm-up sets its rate to 0) and then the value head's at
+    --value_learning_rate (else --learning_rate). One group by default, as before these flags existed, so that
+    earlier checkpoints' optimizer states still load (the flags must match on resume: RESUME_MUST_MATCH)."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    value = [p for name, p in trainable if name.startswith("value_head.")]
+    if not value or (args.value_learning_rate is None and not args.value_warmup_iterations):
+        return [{"params": [p for _, p in trainable], "lr": learning_rate}]
+    value_learning_rate = learning_rate if args.value_learning_rate is None else args.value_learning_rate
+    return [{"params": [p for name, p in trainable if not name.startswith("value_head.")], "lr": learning_rate},
+            {"params": value, "lr": value_learning_rate}]
+
+
+POLICY_GROUP = 0  # the index of the policy's parameters among parameter_groups
+
+
+def warm_up_value_head(optimizer, iteration: int, learning_rate: float, warmup_iterations: int) -> bool:
+    """Whether `iteration` trains the value head alone (the first --value_warmup_iterations); sets the policy's
+    learning rate to 0 then, to --learning_rate after. The value-only loss leaves the policy's terms out; the rate of 0
+    keeps the LM where it is although the value loss's gradient reaches it (unless --detach_value_head), and keeps
+    AdamW's weight decay from moving it."""
+    warming_up = iteration <= warmup_iterations
+    optimizer.param_groups[POLICY_GROUP]["lr"] = 0.0 if warming_up else learning_rate
+    return warming_up
 
 
 def build_value_head(policy, model_name_or_path: str, args: ValueHeadArguments) -> ValueHead:
@@ -509,7 +589,7 @@ def main(argv: list[str]) -> None:
         ALL_ARGUMENTS, argv, check_arguments, "iteration", "num_iterations"
     )
     started = time.time()
-    # Models: policy + value head as one module (no value head for grpo); the reference is a frozen copy of the
+    # Models: policy + value head as one module (no value head without gae); the reference is a frozen copy of the
     # starting policy.
     tokenizer, policy = load_policy_or_exit(run, prompt_config(rollout_args))
     ref_model = frozen_copy(policy)
@@ -521,7 +601,7 @@ def main(argv: list[str]) -> None:
     training = TrainingRun(run, arguments, resume_folder, "iteration", ppo.gradient_accumulation_steps, started)
     accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id
     if training.zero3 and not with_critic:
-        sys.exit("error: --advantage_estimator grpo plays whole episodes, a different number of turns on each process, "
+        sys.exit(f"error: --advantage_estimator {ppo.advantage_estimator} plays whole episodes, a different number of turns on each process, "
                  "which ZeRO-3's gathered forwards cannot pair up: use a ZeRO-2 or plain launch config")
     episode_context = rollout_args.context == "episode"
     if training.zero3 and episode_context:
@@ -530,14 +610,15 @@ def main(argv: list[str]) -> None:
     slots = run.num_envs // training.num_processes
     micro_batches = ppo.num_minibatches * ppo.gradient_accumulation_steps
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(accelerator, trainable, ppo.learning_rate, max(1, slots * run.turns_per_slot // micro_batches),
+    optimizer = build_optimizer(accelerator, parameter_groups(model, ppo.learning_rate, value_head_args),
+                                ppo.learning_rate, max(1, slots * run.turns_per_slot // micro_batches),
                                 ppo.gradient_accumulation_steps, ppo.max_grad_norm)
     model, optimizer, ref_model = training.prepare(model, optimizer, ref_model)
     generate_kwargs = {"synced_gpus": True} if training.zero3 else {}
     kl_controller = (
         AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
     )
-    start_iteration = training.resume(optimizer, ppo.learning_rate)
+    start_iteration = training.resume(optimizer)
     if "kl_controller" in training.state:  # in the trainer state (JSON): accelerate would pickle a registered object
         kl_controller.load_state_dict(training.state["kl_controller"])
 
@@ -570,7 +651,7 @@ def main(argv: list[str]) -> None:
                           **loss_options)
         estimate = token_level_gae
     if not with_critic:
-        estimate = group_advantages
+        estimate = CRITIC_FREE_ADVANTAGES[ppo.advantage_estimator]
     turns_per_slot = run.turns_per_slot if with_critic else None  # None: whole episodes
     if resume_folder is not None:  # the games continue where the checkpoint left them
         collector.load_state_dict(training.load_process_state()["rollout"])
@@ -608,11 +689,13 @@ def main(argv: list[str]) -> None:
         where = f"iteration {iteration}"
         checked = [batch["rewards"], batch["logprobs"], advantages, returns] + ([batch["values"]] if with_critic else [])
         figures, update_tokens = RunningMeans(), 0
+        value_only = warm_up_value_head(optimizer, iteration, ppo.learning_rate, value_head_args.value_warmup_iterations)
         if training.guard.finite_batch(checked, where):
             model.train()
             figures, update_tokens = ppo_update(
                 accelerator, model, optimizer, training.guard, loss_fn, turns, batch, advantages, returns, ppo=ppo,
                 parameters=trainable, where=where, units=stream_units(turns) if episode_context else None,
+                value_only=value_only,
             )
             model.eval()
         update_time = time.time() - started

@@ -228,7 +228,7 @@ def main(argv: list[str]) -> None:
     optimizer = build_optimizer(accelerator, trainable, finetune.learning_rate, micro_batch_size,
                                 finetune.gradient_accumulation_steps, finetune.max_grad_norm)
     model, optimizer, ref_model = training.prepare(model, optimizer, ref_model)
-    start_round = training.resume(optimizer, finetune.learning_rate)
+    start_round = training.resume(optimizer)
 
     unwrapped = accelerator.unwrap_model(model)
     prompts, reward_fn = prompt_config(rollout_args), REWARD_FN or reward_chain(reward_config(rollout_args))

@@ -25,6 +25,7 @@ Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games
 slot to move on alone; and a worker that dies or hangs must be replaced without losing the others.
 """
 
+import hashlib
 import multiprocessing as mp
 import os
 import random
@@ -32,6 +33,8 @@ import signal
 import sys
 import types
 from dataclasses import dataclass
+
+from lib.prompts import clean_inventory, clean_observation
 
 STEP_TIMEOUT_S = 60.0
 # What the Z-machine emulator (Jericho's frotz) answers instead of the game's text once the story file breaks down
@@ -60,6 +63,19 @@ class GameState:
     inventory: str
     walkthrough: list[str] | None
     steps: int = 0  # commands sent in this episode (TextWorld's `moves` skips some)
+
+
+def state_key(state: GameState) -> str:
+    """A short name of the environment state a turn is played from, equal for equal states (GiGPO's step groups):
+    a hash of the game, the score, the cleaned observation, the inventory and the admissible commands. TextWorld is
+    deterministic, so this is the state as the player can know it: the observation alone would merge different rooms
+    that answer alike ("You can't go that way."), and the admissible commands tell them apart (the room's exits and
+    objects, what is open); the score tells apart the same room before and after a scoring action. Left out: the
+    turn number and the history, so that episodes that reach a state by different paths, or one episode twice,
+    share it."""
+    parts = [state.game, str(state.score), clean_observation(state.observation, state.objective),
+             clean_inventory(state.inventory), *sorted(state.admissible_commands)]
+    return hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:16]
 
 
 @dataclass

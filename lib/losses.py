@@ -397,13 +397,15 @@ def ppo_loss(
     ent_coef: float,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
+    value_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO objective of one minibatch, averaged over all valid tokens of all its responses.
 
     logits (B, T, V) predict labels (B, T) (already divided by the sampling temperature); values and the other
     inputs (B, T); values None (no value head, critic-free advantages) leaves the value term out. loss = policy_loss + vf_coef * value_loss - ent_coef * entropy
                           + kl_loss_coef * masked_mean(exact_kl(logits, ref_logits, kl_direction))
-    (the KL term only when ref_logits is given). Stats: detached 0-d tensors.
+    (the KL term only when ref_logits is given). value_only (a value warm-up): loss = vf_coef * value_loss alone,
+    the policy's terms still in the stats but not in the loss nor its gradient. Stats: detached 0-d tensors.
     """
     logprobs = logprobs_from_logits(logits, labels)
     pg_loss, pg_stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_range=clip_range)
@@ -416,6 +418,8 @@ def ppo_loss(
     if ref_logits is not None:
         kl_loss = masked_mean(exact_kl(logits, ref_logits, direction=kl_direction), mask)
         loss = loss + kl_loss_coef * kl_loss
+    if value_only:
+        loss = vf_coef * vf_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
 
@@ -456,6 +460,7 @@ def candidate_ppo_loss(
     ent_coef: float,
     kl_loss_coef: float = 0.0,
     kl_direction: str = "reverse",
+    value_only: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The PPO objective at turn level (score mode): one decision per turn, a choice among the state's candidates.
 
@@ -464,7 +469,8 @@ def candidate_ppo_loss(
     log-prob; values, old_values, advantages, returns (N,) (values None: no value term). ref_logprobs (N, K): the reference's log-probs over the
     same candidates. loss = policy_loss(chosen) + vf_coef * value_loss - ent_coef * H(pi)
                             + kl_loss_coef * KL(pi || ref) (or KL(ref || pi) when forward), KL and H exact over the
-    candidates; every term averaged over the turns. Stats: those of ppo_loss.
+    candidates; every term averaged over the turns. value_only: vf_coef * value_loss alone, as in ppo_loss. Stats:
+    those of ppo_loss.
     """
     turns = torch.ones_like(old_logprobs, dtype=torch.bool)[:, None]  # each turn: a one-token response
     chosen_logprobs = logprobs.gather(1, chosen[:, None])
@@ -487,6 +493,8 @@ def candidate_ppo_loss(
             kl = masked_sum(ref_logprobs.exp() * (ref_logprobs - logprobs), mask, dim=1)
         kl_loss = kl.mean()
         loss = loss + kl_loss_coef * kl_loss
+    if value_only:
+        loss = vf_coef * vf_loss
     return loss, _loss_stats(pg_loss, vf_loss, entropy, kl_loss, pg_stats, vf_stats)
 
 
@@ -535,3 +543,73 @@ def group_relative_advantages(
         centered = returns[members] - returns[members].mean()
         advantages[members] = centered / (returns[members].std() + eps) if scale else centered
     return advantages
+
+
+def rloo_advantages(returns: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Critic-free advantages of RLOO (REINFORCE leave-one-out; Kool et al. 2019, Ahmadian et al. 2024): each
+    episode against the mean of the OTHER episodes of its group.
+
+    returns (N,): one return per episode; group_ids (N,) int: its group. Returns (N,):
+      A_i = R_i - mean_{j in g, j != i} R_j = G / (G - 1) * (R_i - mean_g R)     G: the group's size
+    No scaling by a standard deviation: the baseline does not depend on the episode itself, so the estimate stays
+    unbiased. A group of one episode has no other episode to compare with: its advantage is 0 (as in
+    group_relative_advantages), not an error, so a batch may hold one.
+    """
+    advantages = torch.zeros_like(returns)
+    for group in torch.unique(group_ids):
+        members = group_ids == group
+        size = int(members.sum())
+        if size < 2:
+            continue
+        advantages[members] = size / (size - 1) * (returns[members] - returns[members].mean())
+    return advantages
+
+
+def discounted_returns(rewards: torch.Tensor, episode_ids: torch.Tensor, *, gamma: float) -> torch.Tensor:
+    """Each turn's discounted return from that turn to its episode's end: R_t = sum_{k >= t} gamma^(k - t) r_k.
+
+    rewards (L,): one reward per turn; episode_ids (L,) int: its episode. The turns of one episode are in time order
+    (episodes may interleave, as a rollout lists its slots' turns turn by turn). Returns (L,).
+    """
+    returns = torch.zeros_like(rewards)
+    for episode in torch.unique(episode_ids):
+        turns = (episode_ids == episode).nonzero()[:, 0]
+        steps = torch.arange(len(turns), dtype=rewards.dtype, device=rewards.device)
+        # discounts[t, k] = gamma^(k - t) for k >= t, else 0 (triu drops the k < t powers, inf when gamma is 0)
+        discounts = torch.pow(gamma, steps[None, :] - steps[:, None]).triu()
+        returns[turns] = discounts @ rewards[turns]
+    return returns
+
+
+def group_in_group_advantages(
+    rewards: torch.Tensor,
+    episode_ids: torch.Tensor,
+    group_ids: torch.Tensor,
+    state_ids: torch.Tensor,
+    *,
+    gamma: float,
+    step_weight: float,
+    scale: bool = True,
+) -> torch.Tensor:
+    """Critic-free advantages of GiGPO (Feng et al. 2025, "Group-in-Group Policy Optimization for LLM Agent
+    Training"): GRPO's episode-level advantage plus a step-level one that compares the turns taken from the same
+    state.
+
+    rewards, episode_ids, group_ids, state_ids (L,): per turn its reward, its episode, its episode's group (the
+    episodes played from the same start) and its state before the turn (equal ids: the same environment state);
+    the turns of one episode in time order. Returns (L,):
+      A_t = A^E(episode of t) + step_weight * A^S(t)
+      A^E: group_relative_advantages of the episodes' returns (rewards summed, undiscounted) within their groups;
+      A^S: group_relative_advantages of the turns' discounted returns (discounted_returns, gamma) within their step
+           group: the turns of one group whose state ids are equal (a state several episodes, or one episode twice,
+           passed through). A state met once has no other turn to compare with: A^S = 0.
+    `scale` as in group_relative_advantages, for both levels.
+    """
+    episodes, episode_of = torch.unique(episode_ids, return_inverse=True)
+    episode_returns = torch.zeros(len(episodes), dtype=rewards.dtype).index_add_(0, episode_of, rewards)
+    episode_groups = torch.zeros(len(episodes), dtype=group_ids.dtype).scatter_(0, episode_of, group_ids)
+    episode_level = group_relative_advantages(episode_returns, episode_groups, scale=scale)[episode_of]
+    _, step_group_ids = torch.unique(torch.stack([group_ids, state_ids], dim=1), dim=0, return_inverse=True)
+    turn_returns = discounted_returns(rewards, episode_ids, gamma=gamma)
+    step_level = group_relative_advantages(turn_returns, step_group_ids, scale=scale)
+    return episode_level + step_weight * step_level

@@ -121,6 +121,14 @@ def load_tokenizer(name: str = DEFAULT_MODEL, trust_remote_code: bool = False):
     return tokenizer
 
 
+def fit_tokenizer_to_model(tokenizer, model) -> None:
+    """Tell the tokenizer the model's context (config.max_position_embeddings) where it knows none or a longer one:
+    lib.prompts reads tokenizer.model_max_length as the most tokens a prompt may grow to."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and context < tokenizer.model_max_length:
+        tokenizer.model_max_length = context
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str | torch.device = "cpu",
                trust_remote_code: bool = False):
     """A causal LM ready to train: GGUF weights are moved into a plain model built from the same config."""

@@ -8,9 +8,18 @@ Both hold the objective, the cleaned observation, the inventory (unless empty), 
 optional hint listing the admissible commands and optional example turns. When the prompt is longer than the token
 budget the oldest memory goes first, then the examples, then the hint's last commands (a kitchen can list more
 commands than the budget holds; the game still accepts them), then the observation's tail.
+
+What cannot be cut: the instruction, the game's goal, the inventory and the question. When they alone exceed
+`max_prompt_tokens` (a long goal: tw-coin_collector or tw-treasure_hunter at level 10 and more spell out a long
+route), that prompt's budget grows to what they need plus OBSERVATION_TOKENS for a cut observation (and whatever
+else then fits, in the order above), at most the model's context less ANSWER_TOKENS for the answer; the run goes on
+and says so once (one warning line per process). Only a prompt whose fixed part does not fit the context is an error.
+The model's context is the tokenizer's `model_max_length` (lib.models.fit_tokenizer_to_model sets it from the
+model's config), else FALLBACK_CONTEXT_TOKENS: a tokenizer that knows none holds a huge placeholder there.
 """
 
 import re
+import sys
 from dataclasses import dataclass
 
 PROMPT_FORMATS = ("chat", "plain")
@@ -28,6 +37,13 @@ EXAMPLE_TURNS = [
 
 # Commands that only look around; the hint leaves them out by default so the list points at progress.
 EXAMINE_VERBS = ("examine", "look", "inventory")
+
+OBSERVATION_TOKENS = 64  # what a grown budget leaves for the observation (and the hint) beyond the fixed part
+ANSWER_TOKENS = 64  # what the context keeps for the answer (a command: a few tokens; --max_new_tokens default 10)
+FALLBACK_CONTEXT_TOKENS = 2048  # the context of a model whose tokenizer knows none
+_UNSET_CONTEXT = 1_000_000  # transformers' placeholder for an unknown model_max_length is int(1e30)
+
+_warned_of_long_goals = False  # build_prompt's grown budgets are said once per process
 
 _BANNER_LINE = re.compile(r"^[\s_|\\/$<>]*[_$|\\][\s_|\\/$<>]*$")
 _ROOM_HEADER = re.compile(r"^\s*-=.*=-\s*$")
@@ -137,10 +153,37 @@ def build_prompt(
     config: PromptConfig,
     tokenizer,
 ) -> str:
-    """The prompt text for one state, within `config.max_prompt_tokens` tokens.
+    """The prompt text for one state, within `config.max_prompt_tokens` tokens, or within a grown budget when the
+    instruction, the goal and the inventory alone need more (see the module docstring).
 
     `observation` is already cleaned; `history` holds this episode's earlier turns, oldest first.
     """
+    prompt, needed = _fit_prompt(objective, observation, inventory, admissible_commands, history, config, tokenizer,
+                                 config.max_prompt_tokens)
+    if needed <= config.max_prompt_tokens:
+        return prompt
+    # Memory, examples, hint and observation are all cut by now: only a larger budget helps.
+    limit = context_tokens(tokenizer) - ANSWER_TOKENS
+    if needed > limit:
+        raise ValueError(
+            f"the prompt needs {needed} tokens for the instruction, the game's goal and the inventory alone, over the "
+            f"model's context ({limit + ANSWER_TOKENS} tokens, less {ANSWER_TOKENS} for the answer): play games with "
+            "shorter goals, or a model with a longer context"
+        )
+    budget = min(needed + OBSERVATION_TOKENS, limit)
+    global _warned_of_long_goals
+    if not _warned_of_long_goals:
+        _warned_of_long_goals = True
+        print(f"warning: a game's goal makes the prompt need {needed} tokens before its observation, over "
+              f"--max_prompt_tokens {config.max_prompt_tokens}: such prompts grow to what they need plus "
+              f"{OBSERVATION_TOKENS} (this one: {budget}); raise --max_prompt_tokens to give them their memory and "
+              "examples too (said once)", file=sys.stderr)
+    return _fit_prompt(objective, observation, inventory, admissible_commands, history, config, tokenizer, budget)[0]
+
+
+def _fit_prompt(objective, observation, inventory, admissible_commands, history, config, tokenizer, budget: int):
+    """The prompt cut to `budget` tokens as far as memory, examples, hint and observation go, and its length (over
+    `budget` when what cannot be cut is)."""
     history = history[-config.memory_turns :] if config.memory_turns else []
     examples = EXAMPLE_TURNS[: config.num_examples]
 
@@ -149,20 +192,20 @@ def build_prompt(
 
     message = current_message(observation, inventory, admissible_commands, config)
     prompt = render(objective, message, history, examples, config, tokenizer)
-    while length(prompt) > config.max_prompt_tokens and (history or examples):
+    while length(prompt) > budget and (history or examples):
         if history:
             history = history[1:]
         else:
             examples = []
         prompt = render(objective, message, history, examples, config, tokenizer)
-    excess = length(prompt) - config.max_prompt_tokens
+    excess = length(prompt) - budget
     hinted = list(admissible_commands)
     if excess > 0 and config.hint:
         # The most commands that fit (binary search over how many of the first ones the hint lists), or none.
         def fits(count: int) -> bool:
             text = render(objective, current_message(observation, inventory, hinted[:count], config), history,
                           examples, config, tokenizer)
-            return length(text) <= config.max_prompt_tokens
+            return length(text) <= budget
 
         low, high = 0, len(hinted)  # fits(high) is False
         while high - low > 1:
@@ -171,22 +214,22 @@ def build_prompt(
         hinted = hinted[:low]
         message = current_message(observation, inventory, hinted, config)
         prompt = render(objective, message, history, examples, config, tokenizer)
-        excess = length(prompt) - config.max_prompt_tokens
+        excess = length(prompt) - budget
     while excess > 0 and observation:
         # Still too long: keep the observation's beginning (it names the room and what is in it).
         ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
         observation = tokenizer.decode(ids[: max(0, len(ids) - excess - 4)])
         message = current_message(observation, inventory, hinted, config)
         prompt = render(objective, message, history, examples, config, tokenizer)
-        excess = length(prompt) - config.max_prompt_tokens
-    if excess > 0:
-        # Memory, examples, hint and observation are all cut by now: only a larger budget helps.
-        raise ValueError(
-            f"the prompt needs {length(prompt)} tokens for the instruction, the game's goal and the inventory alone, "
-            f"over --max_prompt_tokens {config.max_prompt_tokens}: raise --max_prompt_tokens to at least "
-            f"{length(prompt)}"
-        )
-    return prompt
+        excess = length(prompt) - budget
+    return prompt, budget + excess
+
+
+def context_tokens(tokenizer) -> int:
+    """The most tokens the model reads: the tokenizer's model_max_length when it knows one, else
+    FALLBACK_CONTEXT_TOKENS."""
+    known = getattr(tokenizer, "model_max_length", None)
+    return known if isinstance(known, int) and known < _UNSET_CONTEXT else FALLBACK_CONTEXT_TOKENS
 
 
 def instruction_tokens(config: PromptConfig, tokenizer) -> int:

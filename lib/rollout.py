@@ -71,7 +71,7 @@ from pathlib import Path
 import torch
 
 from lib.agents import FALLBACK_COMMAND, Agent
-from lib.env import BatchEnv, GameState
+from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
 from lib.generation import GenerationConfig, generate
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation, parse_command
@@ -114,6 +114,7 @@ class Transition:
     truncated: bool
     won: bool
     invalid: bool
+    state_key: str  # lib.env.state_key of the state the turn was played from (GiGPO's step groups)
     next_value: float = math.nan
     # Score mode (ScoringRolloutCollector): the scored commands, the index of the chosen one and their answer token
     # ids; logprobs, ref_logprobs and values then hold one entry, the chosen command's log-probs and the value at the
@@ -229,6 +230,7 @@ class RolloutCollector:
                     slot=slot, game=before.game, episode=before.episode, turn=result.state.steps, prompt=prompt,
                     **fields, reward=reward, score=result.state.score, max_score=result.state.max_score,
                     done=result.terminated, truncated=result.truncated, won=result.state.won, invalid=result.invalid,
+                    state_key=state_key(before),
                 )
                 rollout.transitions.append(turn)
                 rollout.generated_tokens += len(turn.response_ids)

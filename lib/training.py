@@ -59,6 +59,7 @@ from lib.models import (
     DEFAULT_MODEL,
     DTYPES,
     ModelError,
+    fit_tokenizer_to_model,
     load_model,
     load_tokenizer,
     newest_checkpoint,
@@ -99,7 +100,7 @@ TRAINING_OUTPUTS = (
 RESUME_MUST_MATCH = frozenset({
     "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
     "detach_value_head", "advantage_estimator", "group_size", "action_mode", "train_games", "seed", "num_envs",
-    "max_episode_turns", "context",
+    "max_episode_turns", "context", "value_learning_rate", "value_warmup_iterations",
 })
 
 
@@ -216,7 +217,9 @@ def load_policy_or_exit(run: RunArguments, prompts: PromptConfig):
     try:
         tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
         check_prompt_budget(prompts, tokenizer)
-        return tokenizer, load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+        policy = load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
+        fit_tokenizer_to_model(tokenizer, policy)
+        return tokenizer, policy
     except ValueError as error:  # lib.models.ModelError, or a budget too small
         sys.exit(f"error: {error}")
 
@@ -261,7 +264,8 @@ def saved_so_far(output_dir: Path) -> str:
 
 
 # What a run did before these flags existed (PPO's value-head GAE, slots playing alone).
-FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1, "context": "window"}
+FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1, "context": "window",
+                                     "value_learning_rate": None, "value_warmup_iterations": 0}
 
 
 def machine_description() -> str:
@@ -317,7 +321,9 @@ def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir:
 def build_optimizer(accelerator, parameters: list, learning_rate: float, micro_batch_size: int,
                     gradient_accumulation_steps: int, max_grad_norm: float) -> torch.optim.Optimizer:
     """AdamW, or DeepSpeed's CPU Adam under ZeRO-Offload (which refuses a torch optimizer: the step runs where the
-    states live). Under DeepSpeed also sets the batch sizes it would read from a DataLoader we do not have, and its
+    states live), over `parameters`: tensors, or parameter groups (dicts with their own "lr"; DeepSpeed's ZeRO keeps
+    the groups of an optimizer it is given, and their rates); `learning_rate` for groups without one. Under DeepSpeed
+    also sets the batch sizes it would read from a DataLoader we do not have, and its
     gradient clipping (DeepSpeed clips by itself)."""
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
@@ -778,12 +784,14 @@ class TrainingRun:
         model.eval()
         return model, optimizer, None if ref_model is None else prepare_reference(ref_model, self.accelerator)
 
-    def resume(self, optimizer, learning_rate: float) -> int:
+    def resume(self, optimizer) -> int:
         """Load the checkpoint to resume from (weights, optimizer, RNG states, trainer state), start the trackers;
-        returns the first step to run."""
+        returns the first step to run. Each parameter group keeps the learning rate the script built it with."""
         if self.resume_folder is not None:
+            # The learning rate flags may change on resume; the saved optimizer state holds the old rates.
+            learning_rates = [group["lr"] for group in optimizer.param_groups]
             self.accelerator.load_state(str(self.resume_folder / TRAINING_STATE_DIR))
-            for group in optimizer.param_groups:  # --learning_rate may change on resume; the saved optimizer has the old
+            for group, learning_rate in zip(optimizer.param_groups, learning_rates):
                 group["lr"] = learning_rate
             self.state = read_json_object(self.resume_folder / TRAINER_STATE_FILE)
             self.state["eval_held_out"] = self.held_out  # --eval_games may change on resume

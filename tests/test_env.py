@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lib.env import BatchEnv
+from lib.env import BatchEnv, state_key
+from lib.prompts import clean_observation
 
 
 def scripted_command(state) -> str:
@@ -244,3 +245,23 @@ def test_state_dict_brings_waiting_members_back_waiting(small_games):
 def test_slots_must_fill_whole_groups(tiny_games):
     with pytest.raises(ValueError, match="num_envs=3 is not divisible by group_size=2"):
         BatchEnv(tiny_games, num_envs=3, group_size=2)
+
+
+def test_state_key_names_the_state_whatever_the_path(small_games):
+    """GiGPO's step groups: a group's members start with one key; looking around keeps it, another room or a wrong
+    command changes it (the same answer in two rooms too), and walking back into the start room gives the start's key
+    again (not the moves or history)."""
+    opposite = {"go east": "go west", "go west": "go east", "go north": "go south", "go south": "go north"}
+    with BatchEnv(small_games[:1], num_envs=2, group_size=2) as env:
+        first, second = env.reset()
+        start = state_key(first)
+        assert state_key(second) == start and len(start) == 16
+        exit_ = next(command for command in first.admissible_commands if command in opposite)
+        walked, looked = env.step([exit_, "look"])
+        assert state_key(looked.state) == start and state_key(walked.state) != start
+        # The same answer in two rooms: two states.
+        there, here = env.step(["jump over the moon", "jump over the moon"])
+        assert clean_observation(there.state.observation) == clean_observation(here.state.observation)
+        assert state_key(there.state) != state_key(here.state)
+        back, _ = env.step([opposite[exit_], "look"])
+        assert state_key(back.state) == start and back.state.steps == 3

@@ -8,10 +8,13 @@ from lib.losses import (
     AdaptiveKLController,
     FixedKLController,
     candidate_ppo_loss,
+    discounted_returns,
     entropy_from_logits,
     exact_kl,
     explained_variance,
     gae_advantages,
+    group_in_group_advantages,
+    group_relative_advantages,
     kl_estimate,
     logprobs_from_logits,
     masked_mean,
@@ -22,6 +25,7 @@ from lib.losses import (
     mean_var_from_moments,
     policy_loss,
     ppo_loss,
+    rloo_advantages,
     turn_gae,
     value_loss,
     whiten_with_stats,
@@ -337,6 +341,119 @@ def test_turn_gae_hand_computed_example():
     assert torch.allclose(returns, torch.tensor([[0.675, 1.0]]))
 
 
+# ---------------------------------------------------------------- critic-free advantages
+
+
+def naive_group_normalized(values: list[float], groups: list, scale: bool = True) -> list[float]:
+    """GRPO's normalization, one member at a time: minus its group's mean, over the group's unbiased std + 1e-6;
+    0 alone in its group."""
+    out = []
+    for value, group in zip(values, groups):
+        members = [v for v, g in zip(values, groups) if g == group]
+        if len(members) < 2:
+            out.append(0.0)
+            continue
+        mean = sum(members) / len(members)
+        std = math.sqrt(sum((v - mean) ** 2 for v in members) / (len(members) - 1))
+        out.append((value - mean) / (std + 1e-6) if scale else value - mean)
+    return out
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_relative_advantages_match_naive_loop(scale):
+    torch.manual_seed(20)
+    returns = torch.randn(11, dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3, 0])
+    expected = naive_group_normalized(returns.tolist(), groups.tolist(), scale)
+    assert group_relative_advantages(returns, groups, scale=scale).tolist() == pytest.approx(expected)
+
+
+def test_rloo_advantages_match_naive_loop_and_hand_values():
+    torch.manual_seed(21)
+    returns = torch.randn(10, dtype=torch.float64)
+    groups = torch.tensor([2, 0, 2, 1, 0, 2, 1, 1, 1, 5])  # group 5: one episode alone
+    expected = []
+    for i, group in enumerate(groups.tolist()):
+        others = [float(returns[j]) for j in range(len(returns)) if j != i and int(groups[j]) == group]
+        expected.append(float(returns[i]) - sum(others) / len(others) if others else 0.0)
+    assert rloo_advantages(returns, groups).tolist() == pytest.approx(expected)
+    # By hand: group 0 = (1, 2, 6): 1 - 4 = -3, 2 - 3.5 = -1.5, 6 - 1.5 = 4.5; group 1 = (3, 5): -2, 2; 7 alone: 0.
+    hand = rloo_advantages(torch.tensor([1.0, 3.0, 2.0, 5.0, 6.0, 7.0]), torch.tensor([0, 1, 0, 1, 0, 9]))
+    assert hand.tolist() == pytest.approx([-3.0, -2.0, -1.5, 2.0, 4.5, 0.0])
+
+
+def test_discounted_returns_match_naive_loop_with_interleaved_episodes():
+    torch.manual_seed(22)
+    episodes = torch.tensor([3, 0, 3, 1, 0, 3, 0, 0, 7, 3])  # turn-major: episodes interleave; 7: one turn
+    rewards = torch.randn(len(episodes), dtype=torch.float64)
+    for gamma in (0.0, 0.9, 1.0):
+        expected = [0.0] * len(rewards)
+        ahead: dict[int, float] = {}
+        for i in reversed(range(len(rewards))):
+            episode = int(episodes[i])
+            ahead[episode] = float(rewards[i]) + gamma * ahead.get(episode, 0.0)
+            expected[i] = ahead[episode]
+        assert discounted_returns(rewards, episodes, gamma=gamma).tolist() == pytest.approx(expected)
+    # By hand: episode 0 earns 1, 0, 2 (R = 1 + 0.5 * 0 + 0.25 * 2 = 1.5, then 0 + 0.5 * 2 = 1, then 2); episode 1: 4.
+    hand = discounted_returns(torch.tensor([1.0, 4.0, 0.0, 2.0]), torch.tensor([0, 1, 0, 0]), gamma=0.5)
+    assert hand.tolist() == pytest.approx([1.5, 4.0, 1.0, 2.0])
+
+
+def naive_gigpo(rewards, episodes, groups, states, gamma, step_weight, scale=True):
+    """GiGPO turn by turn: episode returns normalized within groups, discounted turn returns normalized within the
+    turns of a group that share a state."""
+    rewards, episodes, groups, states = (x.tolist() for x in (rewards, episodes, groups, states))
+    episode_list = sorted(set(episodes))
+    episode_returns = [sum(r for r, e in zip(rewards, episodes) if e == episode) for episode in episode_list]
+    episode_groups = [groups[episodes.index(episode)] for episode in episode_list]
+    episode_advantage = dict(zip(episode_list, naive_group_normalized(episode_returns, episode_groups, scale)))
+    turn_returns = []
+    for i, episode in enumerate(episodes):
+        later = [k for k in range(i, len(rewards)) if episodes[k] == episode]
+        turn_returns.append(sum(gamma ** n * rewards[k] for n, k in enumerate(later)))
+    step_advantage = naive_group_normalized(turn_returns, list(zip(groups, states)), scale)
+    return [episode_advantage[e] + step_weight * s for e, s in zip(episodes, step_advantage)]
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_in_group_advantages_match_naive_loop(scale):
+    torch.manual_seed(23)
+    # 3 groups of 2-3 episodes of 1-5 turns, turn-major; few states, so that step groups form, some across groups
+    # (the same state id in two groups must not pool: another game).
+    lengths = {0: 5, 1: 3, 2: 1, 3: 4, 4: 4, 5: 2, 6: 3}
+    group_of = {0: 0, 1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 2}
+    episodes = [e for t in range(5) for e in lengths if t < lengths[e]]
+    episodes = torch.tensor(episodes) * 10  # ids need not be 0..E-1
+    groups = torch.tensor([group_of[int(e) // 10] for e in episodes])
+    states = torch.randint(0, 3, (len(episodes),))
+    rewards = torch.randn(len(episodes), dtype=torch.float64)
+    advantages = group_in_group_advantages(rewards, episodes, groups, states, gamma=0.8, step_weight=0.7, scale=scale)
+    expected = naive_gigpo(rewards, episodes, groups, states, 0.8, 0.7, scale)
+    assert advantages.tolist() == pytest.approx(expected)
+
+
+def test_group_in_group_advantages_hand_example():
+    """One group of two episodes from the same start s0: A goes east (reward 0, to room s1) and takes the coin (1);
+    B looks (0, still in s0), goes east (0) and takes the coin (1). Turn-major: A1 B1 A2 B2 B3, states s0 s0 s1 s0 s1.
+      episode level: returns 1 and 1, advantages 0;
+      step level, gamma 0.5: turn returns A1 0.5, A2 1, B1 0.25, B2 0.5, B3 1. Step group s0 = {A1, B1, B2}: mean
+      5/12, centered 1/12, -2/12, 1/12, unbiased std sqrt((1 + 4 + 1) / 144 / 2) = sqrt(3) / 12; step group
+      s1 = {A2, B3}: equal returns, 0."""
+    rewards = torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)  # turn-major: A1 B1 A2 B2 B3
+    episodes = torch.tensor([0, 1, 0, 1, 1])
+    groups = torch.zeros(5, dtype=torch.long)
+    states = torch.tensor([0, 0, 1, 0, 1])
+    unscaled = group_in_group_advantages(rewards, episodes, groups, states, gamma=0.5, step_weight=2.0, scale=False)
+    assert unscaled.tolist() == pytest.approx([2 / 12, -4 / 12, 0.0, 2 / 12, 0.0])
+    scaled = group_in_group_advantages(rewards, episodes, groups, states, gamma=0.5, step_weight=1.0)
+    std = math.sqrt(3) / 12
+    assert scaled.tolist() == pytest.approx([1 / 12 / std, -2 / 12 / std, 0.0, 1 / 12 / std, 0.0], rel=1e-4)
+    # Only the episode level when no state repeats; with rewards 1 and 0 it is GRPO's +-1/sqrt(2).
+    alone = group_in_group_advantages(torch.tensor([1.0, 0.0]), torch.tensor([0, 1]), torch.tensor([0, 0]),
+                                      torch.tensor([0, 1]), gamma=0.5, step_weight=1.0)
+    assert alone.tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], abs=1e-5)
+
+
 # ---------------------------------------------------------------- PPO losses
 
 
@@ -408,6 +525,34 @@ def test_candidate_ppo_loss_hand_example(direction):
     expected = torch.zeros(2, 3, dtype=torch.float64)
     expected[1, 1] = 2.0 * 1.0 / 2  # d/dlogprob of -A * ratio at ratio 1, averaged over 2 turns
     assert torch.allclose(logprobs.grad, expected) and stats["kl_loss"] == 0
+
+
+def test_value_only_losses_are_the_value_term_alone_and_leave_the_policy_without_gradient():
+    """A value warm-up iteration: loss = vf_coef * value_loss, no gradient reaches the logits or log-probs (the
+    entropy and exact-KL terms are on too), and the stats still report the policy's figures."""
+    torch.manual_seed(30)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    values = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    labels, mask = torch.randint(0, 5, (2, 3)), prefix_mask([3, 2], 3)
+    per_token = [torch.randn(2, 3, dtype=torch.float64) for _ in range(4)]  # old log-probs, old values, A, R
+    options = {"clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.7, "ent_coef": 0.1, "kl_loss_coef": 0.3}
+    ref_logits = torch.randn(2, 3, 5, dtype=torch.float64)
+    full, full_stats = ppo_loss(logits, values, labels, mask, *per_token, ref_logits, **options)
+    loss, stats = ppo_loss(logits, values, labels, mask, *per_token, ref_logits, **options, value_only=True)
+    assert loss.item() == pytest.approx(0.7 * stats["value_loss"].item())
+    assert {k: v.item() for k, v in stats.items()} == pytest.approx({k: v.item() for k, v in full_stats.items()})
+    loss.backward()
+    assert logits.grad is None and values.grad.abs().sum() > 0
+
+    logprobs = torch.randn(2, 4, dtype=torch.float64).log_softmax(dim=1).requires_grad_(True)
+    values = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    per_turn = [torch.randn(2, dtype=torch.float64) for _ in range(4)]  # old log-probs, old values, A, R
+    loss, stats = candidate_ppo_loss(logprobs, torch.ones(2, 4, dtype=torch.bool), torch.tensor([1, 3]), per_turn[0],
+                                     values, *per_turn[1:], logprobs.detach().flip(1), **options, value_only=True)
+    assert loss.item() == pytest.approx(0.7 * stats["value_loss"].item())
+    assert stats["policy_loss"] != 0 and stats["entropy"] > 0
+    loss.backward()
+    assert logprobs.grad is None and values.grad.abs().sum() > 0
 
 
 def entropy_of(p):

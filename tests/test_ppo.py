@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -95,6 +96,15 @@ BAD_FLAGS = [
     (["--context", "session"], "--context"),
     (["--context", "episode", "--max_context_tokens", "300"], "--max_context_tokens"),
     (["--context", "episode", "--num_envs", "4"], "--num_minibatches"),  # 4 slots for 8 micro-batches of whole streams
+    (["--advantage_estimator", "rloo"], "--group_size"),
+    (["--advantage_estimator", "gigpo", "--group_size", "1"], "--group_size"),
+    (["--advantage_estimator", "gigpo", "--group_size", "2", "--num_envs", "4"], "--num_minibatches"),
+    (["--advantage_estimator", "rloo", "--group_size", "4", "--num_envs", "6"], "--group_size"),  # 6 slots, groups of 4
+    (["--advantage_estimator", "gigpo", "--group_size", "2", "--gigpo_step_weight=-1"], "--gigpo_step_weight"),
+    (["--value_learning_rate", "0"], "--value_learning_rate"),
+    (["--value_warmup_iterations=-1"], "--value_warmup_iterations"),
+    (["--advantage_estimator", "grpo", "--group_size", "2", "--value_learning_rate", "1e-4"], "--value_learning_rate"),
+    (["--advantage_estimator", "gigpo", "--group_size", "2", "--value_warmup_iterations", "1"], "--value_warmup_iterations"),
 ]
 
 
@@ -105,6 +115,70 @@ def test_bad_flags_fail_before_any_model_loads(flags, named, tmp_path, monkeypat
         ppo_textworld.main(["--output_dir", str(tmp_path / "out"), "--report_to", "none", *flags])
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and named in message and "\n" not in message
+
+
+def test_critic_free_estimators_accept_groups(tmp_path):
+    """Each critic-free estimator passes the checks with groups of two (the same path as grpo's)."""
+    from lib.arguments import parse_arguments
+
+    for estimator in ppo_textworld.CRITIC_FREE_ESTIMATORS:
+        argv = ["--advantage_estimator", estimator, "--group_size", "2", "--output_dir", str(tmp_path / estimator)]
+        groups = parse_arguments(ppo_textworld.ALL_ARGUMENTS, argv)
+        ppo_textworld.check_arguments(*groups, world_size=1)
+
+
+def critic_free_turns(rows):
+    """Transitions from (slot, episode, state key, reward) in rollout order: turn-major, the slots interleaved."""
+    from lib.rollout import Transition
+
+    return [Transition(slot=slot, game="g", episode=episode, turn=1, prompt="", response="", command="", prompt_ids=[1],
+                       response_ids=[1, 2], logprobs=torch.zeros(2), ref_logprobs=torch.zeros(2), values=None,
+                       reward=reward, score=0, max_score=1, done=False, truncated=False, won=False, invalid=False,
+                       state_key=key)
+            for slot, episode, key, reward in rows]
+
+
+def test_gigpo_advantages_pool_the_turns_of_a_group_from_the_same_state():
+    """The script's glue: episodes are (slot, episode) pairs, groups share the episode number, state keys pool only
+    within a group, and every valid token of a turn gets the turn's advantage. Group 7 (slots 0, 1) reaches the
+    same states "a", "b"; group 8 (slots 2, 3) has state "a" too, which must stay apart from group 7's."""
+    rows = [(0, 7, "a", 0.0), (1, 7, "a", 0.0), (2, 8, "a", 1.0), (3, 8, "c", 0.0),  # first turns
+            (0, 7, "b", 1.0), (1, 7, "a", 0.0), (2, 8, "d", 0.0),  # second turns (slot 3 ended)
+            (1, 7, "b", 0.0)]  # slot 1's third turn
+    turns = critic_free_turns(rows)
+    rewards = torch.tensor([[0.0, reward] for *_, reward in rows])  # the turn's reward on its last token
+    mask = torch.ones(len(rows), 2, dtype=torch.bool)
+    mask[3, 1] = False  # a one-token response
+    ppo = ppo_textworld.PPOArguments(advantage_estimator="gigpo", group_size=2, gamma_turn=0.5, gigpo_step_weight=0.3)
+    advantages, returns = ppo_textworld.gigpo_advantages(turns, {"mask": mask}, rewards, ppo)
+    # By hand, gamma 0.5: slot 0 earns 0, 1 (returns 0.5, 1); slot 1 earns 0, 0, 0; group 8: slot 2 earns 1, 0 and
+    # slot 3 0. Episode level: group 7 returns 1 and 0, group 8 returns 1 and 0: +-1/sqrt(2) each.
+    # Step level: group 7 "a" = {slot 0 turn 1: 0.5, slot 1 turns 1, 2: 0, 0}: mean 1/6, centered 1/3, -1/6, -1/6,
+    # std sqrt((1/9 + 1/36 + 1/36) / 2) = 1/sqrt(12); "b" = {slot 0: 1, slot 1: 0}: +-1/sqrt(2); group 8: all alone.
+    e, a, b = 1 / math.sqrt(2), 1 / math.sqrt(12), 1 / math.sqrt(2)
+    expected = [e + 0.3 * (1 / 3) / a, -e - 0.3 * (1 / 6) / a, e, -e, e + 0.3 * b, -e - 0.3 * (1 / 6) / a, e,
+                -e - 0.3 * b]
+    assert advantages[:, 0].tolist() == pytest.approx(expected, rel=1e-4)
+    assert torch.equal(advantages[:, 1], torch.where(mask[:, 1], advantages[:, 0], 0.0))
+    assert returns[:, 0].tolist() == pytest.approx([1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.0])
+
+
+def test_rloo_and_grpo_advantages_compare_each_episode_with_its_group():
+    rows = [(0, 7, "a", 1.0), (1, 7, "a", 0.0), (2, 8, "a", 3.0), (3, 8, "c", 0.0), (4, 8, "c", 0.0),
+            (0, 7, "b", 1.0), (2, 8, "d", 0.0)]
+    turns = critic_free_turns(rows)
+    rewards = torch.tensor([[0.0, reward] for *_, reward in rows])
+    mask = torch.ones(len(rows), 2, dtype=torch.bool)
+    rloo = ppo_textworld.PPOArguments(advantage_estimator="rloo", group_size=2)
+    advantages, returns = ppo_textworld.group_advantages(turns, {"mask": mask}, rewards, rloo)
+    # Returns: group 7 = slot 0: 2, slot 1: 0; group 8 = slot 2: 3, slots 3, 4: 0. Leave one out: 2, -2; 3, -1.5, -1.5.
+    assert advantages[:, 0].tolist() == pytest.approx([2.0, -2.0, 3.0, -1.5, -1.5, 2.0, 3.0])
+    assert returns[:, 0].tolist() == pytest.approx([2.0, 0.0, 3.0, 0.0, 0.0, 2.0, 3.0])
+    grpo = ppo_textworld.PPOArguments(advantage_estimator="grpo", group_size=2)
+    advantages, _ = ppo_textworld.group_advantages(turns, {"mask": mask}, rewards, grpo)
+    assert advantages[:, 0].tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2), 2 / math.sqrt(3),
+                                                       -1 / math.sqrt(3), -1 / math.sqrt(3), 1 / math.sqrt(2),
+                                                       2 / math.sqrt(3)], rel=1e-4)
 
 
 def test_config_file_is_read_and_a_missing_one_is_named(tmp_path):
@@ -157,8 +231,14 @@ def tiny_run_args(tiny_model_path, tiny_games, output_dir, **overrides):
 
 def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
-    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, save_every=1, save_total_limit=0))
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, save_every=1, save_total_limit=0,
+                                   value_warmup_iterations=1, value_learning_rate=3e-3))
     assert "random-admissible" in log and "before training" in log and "after training" in log
+    # Iteration 1 trained the value head alone (all zeros at the start); iteration 2 the policy too (below).
+    start = load_model(tiny_model_path).state_dict()
+    warmed_up = load_model(str(output / "checkpoints" / "checkpoint-1")).state_dict()
+    assert all(torch.equal(tensor, start[name]) for name, tensor in warmed_up.items())
+    assert load_value_head(output / "checkpoints" / "checkpoint-1").net.weight.any()
 
     checkpoint = output / "checkpoints" / "checkpoint-2"
     for name in ("model.safetensors", "config.json", "tokenizer.json", "value_head.safetensors", "README.md",
@@ -181,7 +261,6 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
     head = load_value_head(checkpoint)
     assert torch.equal(head.net.weight, state["value_head.net.weight"])
     # Only the trainable top moved: frozen layer 0 and the (tied) embeddings are the starting model's.
-    start = load_model(tiny_model_path).state_dict()
     assert torch.equal(reloaded["model.layers.0.mlp.up_proj.weight"], start["model.layers.0.mlp.up_proj.weight"])
     assert torch.equal(reloaded["model.embed_tokens.weight"], start["model.embed_tokens.weight"])
     assert not torch.equal(reloaded["model.layers.1.mlp.up_proj.weight"], start["model.layers.1.mlp.up_proj.weight"])
@@ -190,29 +269,35 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
 
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 * 2  # num_envs * turns_per_slot * iterations
-    # The reference stayed where it started: after one update the policy has moved away from it.
-    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) > 1e-6
+    # The warm-up left the policy on the reference: iteration 2 played with it (and the resumed run's iteration 3,
+    # below, with the policy iteration 2 moved away from the reference, which stayed where it started).
+    assert max(abs(kl) for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 2) < 1e-6
     assert list((output / "runs").rglob("events.out.tfevents*"))
 
-    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=3, resume_from_checkpoint="latest"))
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=3, resume_from_checkpoint="latest",
+                                   value_warmup_iterations=1, value_learning_rate=3e-3))
     assert "at iteration 2" in log
     assert json.loads((output / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["iteration"] == 3
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 * 3 and sorted(set(dataset["iteration"])) == [1, 2, 3]
+    assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 3) > 1e-6
 
 
 def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
-    log = run_script(
-        tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none"), launcher, timeout=600
-    )
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=1, report_to="none",
+                                   value_warmup_iterations=1, value_learning_rate=3e-3), launcher, timeout=600)
     assert "after training" in log
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 and sorted(set(dataset["process"])) == [0, 1]
     assert sorted(set(dataset["game"])) == sorted(tiny_games)  # each process played its own game
     assert (output / "checkpoints" / "checkpoint-1" / "model.safetensors").exists()
-    assert load_value_head(output).config()["head_type"] == "linear"
+    # ZeRO-2 kept the optimizer's parameter groups and their rates: the warm-up moved the value head alone.
+    head = load_value_head(output)
+    assert head.config()["head_type"] == "linear" and head.net.weight.any()
+    start = load_model(tiny_model_path).state_dict()
+    assert all(torch.equal(tensor, start[name]) for name, tensor in load_model(str(output)).state_dict().items())
 
 
 def check_score_mode_rollouts(output, rows):

@@ -1,16 +1,25 @@
 import copy
+import json
 
 import pytest
+from datasets import load_from_disk
 
+import lib.prompts
+import play
 from lib.env import BatchEnv
-from lib.models import load_tokenizer
+from lib.models import fit_tokenizer_to_model, load_model, load_tokenizer
 from lib.prompts import (
+    ANSWER_TOKENS,
     EXAMPLE_TURNS,
+    FALLBACK_CONTEXT_TOKENS,
+    OBSERVATION_TOKENS,
     PromptConfig,
     Turn,
     build_prompt,
     clean_inventory,
     clean_observation,
+    context_tokens,
+    instruction_tokens,
     parse_command,
 )
 
@@ -86,8 +95,6 @@ def test_token_budget_drops_the_oldest_memory_first(tokenizer):
     cut = build_prompt(OBJECTIVE, long_observation, "", ADMISSIBLE, history(3), small, tokenizer)
     assert length(tokenizer, cut) <= 120
     assert "room number" not in cut and "A dark room." in cut and cut.endswith("> ")
-    with pytest.raises(ValueError, match="raise --max_prompt_tokens"):
-        build_prompt(OBJECTIVE * 40, "A dark room.", "", ADMISSIBLE, [], small, tokenizer)
 
 
 def test_a_hint_longer_than_the_budget_lists_its_first_commands(tokenizer):
@@ -158,3 +165,89 @@ def test_parse_command(text, command):
 def test_prompt_config_rejects_bad_values(options, message):
     with pytest.raises(ValueError, match=message):
         PromptConfig(**options)
+
+
+@pytest.fixture(scope="module")
+def long_goal_state(games_cache):
+    """The first state of a level-20 coin collector: its goal spells out a route of 20 rooms (about 200 tokens)."""
+    from lib.games import resolve_games
+
+    games = resolve_games("tw-coin_collector:level=20:n=1", "train", games_cache, progress=False)
+    with BatchEnv(games, num_envs=1) as env:
+        return games[0], env.reset()[0]
+
+
+def fixed_part(tokenizer, objective, inventory, config) -> int:
+    """Tokens of the prompt that cannot be cut: the instruction, the goal, the inventory, the question."""
+    return length(tokenizer, build_prompt(objective, "", inventory, [], [], PromptConfig(
+        format=config.format, memory_turns=0, hint=False, num_examples=0, max_prompt_tokens=4096), tokenizer))
+
+
+@pytest.mark.parametrize("prompt_format", ["chat", "plain"])
+def test_a_goal_over_the_budget_grows_it_by_room_for_the_observation_and_says_so_once(tokenizer, long_goal_state,
+                                                                                   prompt_format, monkeypatch, capsys):
+    monkeypatch.setattr(lib.prompts, "_warned_of_long_goals", False)
+    _, state = long_goal_state
+    config = PromptConfig(format=prompt_format)  # the defaults: 256 tokens
+    observation = clean_observation(state.observation, state.objective)
+    needed = fixed_part(tokenizer, state.objective, state.inventory, config)
+    assert needed > config.max_prompt_tokens
+    prompt = build_prompt(state.objective, observation, state.inventory, state.admissible_commands, history(3), config,
+                          tokenizer)
+    assert needed < length(tokenizer, prompt) <= needed + OBSERVATION_TOKENS
+    assert state.objective in prompt and observation[:40] in prompt and "room number" not in prompt
+    again = build_prompt(state.objective, observation, state.inventory, state.admissible_commands, [], config, tokenizer)
+    assert again == prompt  # the memory had to go anyway
+    warnings = capsys.readouterr().err.splitlines()
+    assert len(warnings) == 1 and warnings[0].startswith("warning: ") and "--max_prompt_tokens 256" in warnings[0]
+
+
+def test_a_grown_budget_stops_at_the_models_context(tokenizer, long_goal_state, monkeypatch):
+    monkeypatch.setattr(lib.prompts, "_warned_of_long_goals", True)
+    _, state = long_goal_state
+    config = PromptConfig(format="plain")
+    observation = clean_observation(state.observation, state.objective)
+    needed = fixed_part(tokenizer, state.objective, state.inventory, config)
+    short = copy.deepcopy(tokenizer)
+    short.model_max_length = needed + ANSWER_TOKENS + 10  # room for 10 tokens of observation
+    prompt = build_prompt(state.objective, observation, state.inventory, state.admissible_commands, [], config, short)
+    assert needed < length(tokenizer, prompt) <= needed + 10
+    short.model_max_length = needed + ANSWER_TOKENS - 1  # not even the goal fits
+    with pytest.raises(ValueError, match=f"needs {needed} tokens .* over the model's context"):
+        build_prompt(state.objective, observation, state.inventory, state.admissible_commands, [], config, short)
+
+
+def test_the_context_comes_from_the_model_else_a_fallback(tokenizer, tiny_model_path):
+    unknown = copy.deepcopy(tokenizer)
+    assert unknown.model_max_length > 10**20  # transformers' placeholder: the packaged tokenizer knows no context
+    assert context_tokens(unknown) == FALLBACK_CONTEXT_TOKENS
+    model = load_model(tiny_model_path)
+    model.config.max_position_embeddings = 1024  # not the fallback's 2048
+    fit_tokenizer_to_model(unknown, model)
+    assert context_tokens(unknown) == 1024
+    unknown.model_max_length = 512  # a tokenizer that knows a shorter context keeps it
+    fit_tokenizer_to_model(unknown, model)
+    assert context_tokens(unknown) == 512
+
+
+def test_the_budget_check_still_refuses_a_budget_below_the_instruction(tokenizer):
+    from lib.prompts import check_prompt_budget
+
+    needed = instruction_tokens(PromptConfig(format="chat"), tokenizer)
+    with pytest.raises(ValueError, match="cannot hold the instruction"):
+        check_prompt_budget(PromptConfig(format="chat", max_prompt_tokens=needed - 1), tokenizer)
+
+
+def test_play_model_agent_plays_a_game_whose_goal_is_over_the_budget(tiny_model_path, long_goal_state, tmp_path,
+                                                                    monkeypatch, capsys):
+    """Through play.py with the default --max_prompt_tokens: every turn is played (the first used to stop the run)."""
+    monkeypatch.setattr(lib.prompts, "_warned_of_long_goals", False)
+    game, state = long_goal_state
+    out = tmp_path / "play"
+    code = play.main(["--agent", "model", "--model_name_or_path", tiny_model_path, "--games", game, "--num_episodes",
+                      "1", "--max_episode_turns", "3", "--max_new_tokens", "4", "--output_dir", str(out)])
+    assert code == 0
+    assert json.loads((out / "report.json").read_text())["episodes"] == 1
+    transcripts = load_from_disk(str(out / "transcripts"))
+    assert transcripts["turn"] == [1, 2, 3] and all(state.objective in prompt for prompt in transcripts["prompt"])
+    assert capsys.readouterr().err.count("warning: a game's goal") == 1

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-from lib.env import GameState, StepResult
+from lib.env import GameState, StepResult, state_key
 from lib.generation import GenerationConfig
 from lib.losses import gae_advantages, kl_estimate, penalized_rewards, turn_gae
 from lib.models import load_model, load_tokenizer
@@ -159,6 +159,13 @@ def test_rewards_and_episode_summaries(collected):
     assert [(e["game"], e["won"], e["length"]) for e in first.episodes] == [
         ("game-1", False, 2), ("game-0", True, 3), ("game-1", False, 2)
     ]
+    # Each turn names the state it was played from (GiGPO's step groups), not the one it led to.
+    for t in first.transitions:
+        before = GameState(game=t.game, episode=t.episode, observation=observation(t.slot, t.episode, t.turn - 1),
+                           score=0, max_score=1, moves=t.turn - 1, won=False, lost=False,
+                           admissible_commands=["take coin", "go east"], objective=OBJECTIVE, inventory="",
+                           walkthrough=None)
+        assert t.state_key == state_key(before)
 
 
 def test_rollout_dataset_rows_columns_and_atomic_iterations(collected, tmp_path):

@@ -16,7 +16,7 @@ from lib.rollout import Transition
 from lib.scoring import encode_candidates, score_candidates
 from lib.prompts import PromptConfig
 from lib.sequences import score_sequences
-from lib.training import NonFiniteGuard
+from lib.training import NonFiniteGuard, build_optimizer
 from lib.value_head import PolicyWithValue, ValueHead
 
 PROMPTS = ["You are in a kitchen. A door leads north.", "You see a chest and a key on the floor of the cellar."]
@@ -45,7 +45,8 @@ def turn(slot, prompt_ids, response_ids, scored, row, reward, **score_mode):
         slot=slot, game="g", episode=slot, turn=1, prompt="", response="", command="", prompt_ids=prompt_ids,
         response_ids=response_ids, logprobs=scored["logprobs"][row, : len(response_ids)],
         ref_logprobs=scored["ref_logprobs"][row, : len(response_ids)], values=values, reward=reward, score=0,
-        max_score=1, done=True, truncated=False, won=reward > 0, invalid=False, next_value=0.0, **score_mode,
+        max_score=1, done=True, truncated=False, won=reward > 0, invalid=False, state_key="start", next_value=0.0,
+        **score_mode,
     )
 
 
@@ -70,7 +71,7 @@ def score_mode_turns(model, ref, tokenizer):
             slot=i, game="g", episode=i, turn=1, prompt="", response="", command=CANDIDATES[i][CHOSEN[i]],
             prompt_ids=prompt_ids[i], response_ids=candidate_ids[i][CHOSEN[i]], logprobs=chosen["logprobs"],
             ref_logprobs=chosen["ref_logprobs"], values=values, reward=REWARDS[i], score=0, max_score=1, done=True,
-            truncated=False, won=REWARDS[i] > 0, invalid=False, next_value=0.0, candidates=CANDIDATES[i],
+            truncated=False, won=REWARDS[i] > 0, invalid=False, state_key="start", next_value=0.0, candidates=CANDIDATES[i],
             chosen_index=CHOSEN[i], candidate_ids=candidate_ids[i],
         ))
     return turns
@@ -88,8 +89,8 @@ def chosen_logprobs(model, turns, tokenizer, score_mode):
         return [float(scored["logprobs"][i, : len(t.response_ids)].sum()) for i, t in enumerate(turns)]
 
 
-def one_update(model, ref, tokenizer, turns, score_mode, ppo):
-    """The script's path from collected turns to one optimizer step."""
+def one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer=None, value_only=False):
+    """The script's path from collected turns to one optimizer step (plain SGD unless `optimizer` is given)."""
     accelerator = Accelerator(gradient_accumulation_steps=ppo.gradient_accumulation_steps)
     options = {"ppo": ppo, "temperature": 1.0, "pad_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
     if score_mode:
@@ -100,14 +101,14 @@ def one_update(model, ref, tokenizer, turns, score_mode, ppo):
         batch = ppo_textworld.collate_responses(turns, tokenizer.pad_token_id)
         loss_fn = partial(ppo_textworld.token_level_loss, ref_model=ref, **options)
         estimate = ppo_textworld.token_level_gae
-    if ppo.advantage_estimator == "grpo":
-        estimate = ppo_textworld.group_advantages
+    if ppo.advantage_estimator != "gae":
+        estimate = ppo_textworld.CRITIC_FREE_ADVANTAGES[ppo.advantage_estimator]
     _, advantages, raw_advantages, returns = ppo_textworld.advantages_and_returns(turns, batch, estimate, ppo.kl_coef, ppo)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(parameters, lr=ppo.learning_rate)
+    optimizer = optimizer or torch.optim.SGD(parameters, lr=ppo.learning_rate)
     model.train()
     ppo_textworld.ppo_update(accelerator, model, optimizer, NonFiniteGuard(accelerator, 3), loss_fn, turns, batch,
-                             advantages, returns, ppo=ppo, parameters=parameters, where="test")
+                             advantages, returns, ppo=ppo, parameters=parameters, where="test", value_only=value_only)
     model.eval()
     return raw_advantages
 
@@ -130,20 +131,67 @@ def test_one_update_raises_the_rewarded_action_and_lowers_the_punished_one(tiny_
     assert after[1] < before[1] - 1e-4, f"the punished action became likelier: {before[1]} -> {after[1]}"
 
 
+# The two turns' advantages: grpo normalizes the returns 1 and -1 of the group; rloo subtracts the other's return;
+# gigpo adds to grpo's, times --gigpo_step_weight 0.5, the same normalization of the turns' returns, both played from
+# the group's start state.
+CRITIC_FREE = {
+    "grpo": ({}, 1 / math.sqrt(2)),
+    "rloo": ({}, 2.0),
+    "gigpo": ({"gigpo_step_weight": 0.5}, 1.5 / math.sqrt(2)),
+}
+
+
 @pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
-def test_one_grpo_update_raises_the_better_episode_of_a_group(tiny_model_path, tokenizer, score_mode):
-    """Without a value head: the two turns are two episodes of one group (same episode number); the better one
-    gains probability, the worse one loses it."""
+@pytest.mark.parametrize("estimator", list(CRITIC_FREE))
+def test_one_critic_free_update_raises_the_better_episode_of_a_group(tiny_model_path, tokenizer, score_mode, estimator):
+    """Without a value head: the two turns are two episodes of one group (same episode number) from the same start;
+    the better one gains probability, the worse one loses it."""
     model, ref = fresh_model(tiny_model_path, with_value_head=False)
     turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
     for t in turns:
         t.episode = 0  # one group
     before = chosen_logprobs(model, turns, tokenizer, score_mode)
+    options, advantage = CRITIC_FREE[estimator]
     ppo = ppo_textworld.PPOArguments(
         learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1, kl_coef=0.0,
-        max_grad_norm=1e9, advantage_estimator="grpo", group_size=2,
+        max_grad_norm=1e9, advantage_estimator=estimator, group_size=2, **options,
     )
     raw_advantages = one_update(model, ref, tokenizer, turns, score_mode, ppo)
-    assert raw_advantages[:, 0].tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], abs=1e-5)
+    assert raw_advantages[:, 0].tolist() == pytest.approx([advantage, -advantage], abs=1e-5)
     after = chosen_logprobs(model, turns, tokenizer, score_mode)
     assert after[0] > before[0] + 1e-4 and after[1] < before[1] - 1e-4
+
+
+@pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
+@pytest.mark.parametrize("detach", [False, True], ids=["shared", "detached"])
+def test_a_value_warmup_iteration_moves_the_value_head_alone(tiny_model_path, tokenizer, score_mode, detach):
+    """--value_warmup_iterations 1 and --value_learning_rate: the script's parameter groups under AdamW; in the
+    warm-up iteration the policy's weights stay exactly as they were (even where the value loss's gradient reaches
+    the shared LM), the value head learns; with a detached head the policy's terms give the LM no gradient at all.
+    The next iteration gives the policy its rate back."""
+    model, ref = fresh_model(tiny_model_path)
+    model.value_head.detach_input = detach
+    turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    ppo = ppo_textworld.PPOArguments(learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1,
+                                     kl_coef=0.0, lam=1.0, max_grad_norm=1e9, ent_coef=0.1, kl_loss_coef=0.1)
+    assert len(ppo_textworld.parameter_groups(model, ppo.learning_rate, ppo_textworld.ValueHeadArguments())) == 1
+    groups = ppo_textworld.parameter_groups(
+        model, ppo.learning_rate, ppo_textworld.ValueHeadArguments(value_learning_rate=0.05, value_warmup_iterations=1))
+    optimizer = build_optimizer(Accelerator(), groups, ppo.learning_rate, 2, 1, ppo.max_grad_norm)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.05]
+    assert [len(group["params"]) for group in optimizer.param_groups] == [
+        sum(p.requires_grad for p in model.policy.parameters()), len(list(model.value_head.parameters()))]
+    policy = {name: p.detach().clone() for name, p in model.policy.named_parameters()}
+    head = {name: p.detach().clone() for name, p in model.value_head.named_parameters()}
+
+    assert ppo_textworld.warm_up_value_head(optimizer, 1, ppo.learning_rate, 1)
+    one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer, value_only=True)
+    assert all(torch.equal(p, policy[name]) for name, p in model.policy.named_parameters())
+    assert any(not torch.equal(p, head[name]) for name, p in model.value_head.named_parameters())
+    if detach:  # no policy term in the loss: the LM got no gradient, so AdamW kept no state for it
+        assert not any(optimizer.state.get(p) for p in model.policy.parameters())
+
+    assert not ppo_textworld.warm_up_value_head(optimizer, 2, ppo.learning_rate, 1)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.05]
+    one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer)
+    assert any(not torch.equal(p, policy[name]) for name, p in model.policy.named_parameters())
