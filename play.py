@@ -40,8 +40,23 @@ from datasets import Dataset
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import HfArgumentParser, set_seed
 
-from lib.agents import HumanAgent, ModelAgent, RandomAgent, ScoringAgent, WalkthroughAgent
-from lib.arguments import check_finite_numbers, check_no_negative_counts, parse_arguments, renamed_flags, yaml_flags
+from lib.agents import (
+    EpisodeModelAgent,
+    EpisodeScoringAgent,
+    HumanAgent,
+    ModelAgent,
+    RandomAgent,
+    ScoringAgent,
+    WalkthroughAgent,
+)
+from lib.arguments import (
+    RolloutArguments,
+    check_finite_numbers,
+    check_no_negative_counts,
+    parse_arguments,
+    renamed_flags,
+    yaml_flags,
+)
 from lib.env import GameProcessError
 from lib.evaluation import evaluate, format_report_table
 from lib.games import GameError, check_game_source, default_cache_dir, resolve_games
@@ -66,6 +81,7 @@ from lib.run_folder import (
     release_output_dirs,
 )
 from lib.scoring import ACTION_MODES, ScoringConfig
+from lib.streams import CONTEXTS
 from lib.stopping import Stopped, stop_signals_held, stop_signals_raise
 from lib.training import ARGS_FILE
 
@@ -77,7 +93,8 @@ PLAY_OUTPUTS = (REPORT_FILE, TRANSCRIPTS_DIR)  # what --output_dir gets; never a
 # How a trained model was prompted and chose its commands: played otherwise, it meets prompts it never saw. The
 # sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
 TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
-                     "length_normalize", "prompt_format", "action_mode", "max_new_tokens")
+                     "length_normalize", "prompt_format", "action_mode", "max_new_tokens", "context",
+                     "max_context_tokens")
 FROM_COMMAND_LINE, FROM_DEFAULT = "command line", "default"
 
 
@@ -152,6 +169,15 @@ class Args:
     num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "example turns in the prompt"})
     max_prompt_tokens: int = field(
         default=PromptConfig.max_prompt_tokens, metadata={"help": "prompt length cap in tokens"}
+    )
+    context: str = field(
+        default=RolloutArguments.context,
+        metadata={"help": f"what the model reads each turn: {' or '.join(CONTEXTS)} (a prompt per turn, or the "
+                          "episode's conversation as one token stream with a KV cache)"},
+    )
+    max_context_tokens: int = field(
+        default=RolloutArguments.max_context_tokens,
+        metadata={"help": "episode context: a stream restarts from the window prompt rather than grow past this"},
     )
     games_dir: str = field(
         default_factory=lambda: str(default_cache_dir()),
@@ -241,6 +267,11 @@ def check_play_settings(args: Args) -> None:
         raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.context not in CONTEXTS:
+        raise ValueError(f"--context {args.context!r} is unknown; choose one of {', '.join(CONTEXTS)}")
+    if args.context == "episode" and args.max_context_tokens < 2 * args.max_prompt_tokens:
+        raise ValueError(f"--max_context_tokens {args.max_context_tokens} must be at least twice --max_prompt_tokens "
+                         f"({args.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns")
     try:
         prompt_config(args)
         generation_config(args)
@@ -340,8 +371,13 @@ def make_agent(args: Args, tokenizer):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = load_model(args.model_name_or_path, args.dtype, device, args.trust_remote_code)
     fit_tokenizer_to_model(tokenizer, model)
+    episode = args.context == "episode"
     if args.action_mode == "score":
+        if episode:
+            return EpisodeScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args), args.max_context_tokens)
         return ScoringAgent(model, tokenizer, prompt_config(args), scoring_config(args))
+    if episode:
+        return EpisodeModelAgent(model, tokenizer, prompt_config(args), generation_config(args), args.max_context_tokens)
     return ModelAgent(model, tokenizer, generation_config(args))
 
 

@@ -400,6 +400,20 @@ def advantages_and_returns(turns: list[Transition], batch: dict, estimate, kl_co
 
 # ---- LOSSES: one micro-batch of turns (`index` into the batch) -> (loss, stats, tokens encoded).
 
+def response_token_loss(logits, values, ref_logits, batch, index, advantages, returns, *, ppo: PPOArguments,
+                        temperature: float, device, value_only: bool):
+    """lib.losses.ppo_loss of the micro-batch `index` from the policy's logits (N, T, V) and values (N, T) at its
+    response tokens (and the reference's logits when --kl_loss_coef, already divided by the temperature)."""
+    old_values = None if values is None else batch["values"][index].to(device)
+    return ppo_loss(
+        logits.float() / temperature, None if values is None else values.float(), batch["response_ids"][index].to(device),
+        batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
+        returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
+        vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
+        value_only=value_only,
+    )
+
+
 def token_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
                      temperature: float, pad_id: int, device, value_only: bool = False):
     """lib.losses.ppo_loss over the response tokens; one forward of prompt + response per turn."""
@@ -411,14 +425,8 @@ def token_level_loss(model, ref_model, turns, batch, index, advantages, returns,
     if ppo.kl_loss_coef > 0:
         with torch.no_grad():
             ref_logits = response_logits(ref_model, *inputs, packed["start"], packed["end"]).float() / temperature
-    old_values = None if values is None else batch["values"][index].to(device)
-    loss, stats = ppo_loss(
-        logits.float() / temperature, None if values is None else values.float(), batch["response_ids"][index].to(device),
-        batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
-        returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
-        vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
-        value_only=value_only,
-    )
+    loss, stats = response_token_loss(logits, values, ref_logits, batch, index, advantages, returns, ppo=ppo,
+                                      temperature=temperature, device=device, value_only=value_only)
     return loss, stats, int(packed["attention_mask"].sum())
 
 
@@ -465,14 +473,8 @@ def stream_token_loss(model, ref_model, turns, batch, index, advantages, returns
     if ppo.kl_loss_coef > 0:
         with torch.no_grad():
             ref_logits = per_turn(stream_outputs(ref_model, packed)[0], packed["lengths"], width).float() / temperature
-    old_values = None if values is None else batch["values"][index].to(device)
-    loss, stats = ppo_loss(
-        logits.float() / temperature, None if values is None else values.float(), batch["response_ids"][index].to(device),
-        batch["mask"][index].to(device), batch["logprobs"][index].to(device), old_values, advantages[index].to(device),
-        returns[index].to(device), ref_logits, clip_range=ppo.clip_range, clip_range_value=ppo.clip_range_value,
-        vf_coef=ppo.vf_coef, ent_coef=ppo.ent_coef, kl_loss_coef=ppo.kl_loss_coef, kl_direction=ppo.kl_direction,
-        value_only=value_only,
-    )
+    loss, stats = response_token_loss(logits, values, ref_logits, batch, index, advantages, returns, ppo=ppo,
+                                      temperature=temperature, device=device, value_only=value_only)
     return loss, stats, packed["tokens"]
 
 

@@ -137,6 +137,9 @@ def check_arguments(run: RSRunArguments, selection: SelectionArguments, finetune
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name} must be positive, got {value}")
+    if rollout.context != "window":
+        raise ValueError("--context episode is ppo_textworld.py's: rejection sampling fine-tunes on each chosen turn "
+                         "with its window prompt; drop the flag (play.py plays either way)")
     for name, value in (("kl_coef", finetune.kl_coef), ("rank_kl_coef", selection.rank_kl_coef)):
         if value < 0:
             raise ValueError(f"--{name} must be >= 0, got {value}")

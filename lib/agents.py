@@ -207,9 +207,10 @@ class _EpisodeContextAgent(Agent):
 
     needs_prompts = False
 
-    def _begin(self, states, max_context_tokens: int, reply_room) -> list[int]:
-        if getattr(self, "context", None) is None or len(self.context.streams.ids) != len(states):
-            self.context = EpisodeContext(len(states), self.prompt_config, self.tokenizer, max_context_tokens)
+    def _begin(self, states, reply_room) -> list[int]:
+        """The active slots, each slot's stream given this turn's tokens (`reply_room(slot)`: its longest reply)."""
+        if self.context is None or len(self.context.streams.ids) != len(states):
+            self.context = EpisodeContext(len(states), self.prompt_config, self.tokenizer, self.max_context_tokens)
             self.histories = [[] for _ in states]
             self.last_states: list[GameState | None] = [None] * len(states)
         active = [slot for slot, state in enumerate(states) if state is not None]
@@ -246,7 +247,7 @@ class EpisodeScoringAgent(_EpisodeContextAgent, ScoringAgent):
             if state is not None:
                 self.candidates[slot] = select_candidates(state.admissible_commands, config.max_candidates) or [FALLBACK_COMMAND]
                 candidate_ids[slot] = encode_candidates([self.candidates[slot]], self.prompt_config, self.tokenizer)[0]
-        active = self._begin(states, self.max_context_tokens, lambda slot: max(map(len, candidate_ids[slot])))
+        active = self._begin(states, lambda slot: max(map(len, candidate_ids[slot])))
         if not active:
             return [None] * len(states)
         with torch.no_grad():
@@ -270,7 +271,7 @@ class EpisodeModelAgent(_EpisodeContextAgent, ModelAgent):
         self.context = None
 
     def act(self, states, prompts):
-        active = self._begin(states, self.max_context_tokens, lambda slot: self.generation_config.max_new_tokens)
+        active = self._begin(states, lambda slot: self.generation_config.max_new_tokens)
         commands: list[str | None] = [None] * len(states)
         self.texts = [None] * len(states)
         if not active:

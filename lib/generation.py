@@ -34,10 +34,20 @@ class Generated:
     commands: list[str]
 
 
+def stop_token_ids(tokenizer) -> set[int]:
+    """The token ids that end a reply: EOS and pad."""
+    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+
+
+def ends_reply(token: int, tokenizer, stop_ids: set[int]) -> bool:
+    """Whether a reply stops after `token`: a stop token (EOS/pad) or a token holding a newline."""
+    return token in stop_ids or "\n" in tokenizer.decode([token])
+
+
 def cut_response(ids: list[int], tokenizer, stop_ids: set[int]) -> list[int]:
-    """The response up to and including the first stop token (EOS/pad) or the first token holding a newline."""
+    """The response up to and including the first token that ends a reply (`ends_reply`)."""
     for i, token in enumerate(ids):
-        if token in stop_ids or "\n" in tokenizer.decode([token]):
+        if ends_reply(token, tokenizer, stop_ids):
             return ids[: i + 1]
     return ids
 
@@ -59,7 +69,7 @@ def generate(model, tokenizer, prompts: list[str], config: GenerationConfig, **g
         **sampling,
         **generate_kwargs,
     )
-    stop_ids = {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+    stop_ids = stop_token_ids(tokenizer)
     width = batch["input_ids"].shape[1]
     prompt_ids = [row[mask.bool()].tolist() for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
     response_ids = [cut_response(row[width:].tolist(), tokenizer, stop_ids) for row in output]

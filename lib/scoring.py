@@ -109,7 +109,7 @@ def _scores(logits: torch.Tensor, batch: dict, length_normalize: bool) -> list[t
     return list(scores.split(batch["counts"]))
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The forward's name for the KV cache: transformers 5 renamed `past_key_values` to `cache` (the old name warns,
     and goes in 5.40), and the project allows any 5.x. A DeepSpeed engine (the ZeRO-3 reference) is asked about the
     module it wraps."""
@@ -130,21 +130,21 @@ def candidate_logprobs(
     batch = _flatten(prompt_ids, candidate_ids, pad_id, next(model.parameters()).device)
     prompt_mask, candidate_mask = batch["prompt_mask"], batch["candidate_mask"]
     cache = DynamicCache(config=getattr(model, "module", model).config)
-    cache_argument = {_cache_argument(model): cache}
+    cache_keyword = {cache_argument(model): cache}
     prompt_inputs = {"input_ids": batch["prompts"], "attention_mask": prompt_mask,
                      "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0), "use_cache": True}
     if value_head is None:
-        prompt_logits = model(**prompt_inputs, logits_to_keep=1, **cache_argument).logits[:, -1]
+        prompt_logits = model(**prompt_inputs, logits_to_keep=1, **cache_keyword).logits[:, -1]
     else:
         decoder = model.get_decoder()
-        hidden = decoder(**prompt_inputs, **{_cache_argument(decoder): cache}).last_hidden_state[:, -1]
+        hidden = decoder(**prompt_inputs, **{cache_argument(decoder): cache}).last_hidden_state[:, -1]
         prompt_logits, values = model.get_output_embeddings()(hidden), value_head(hidden)
     cache.reorder_cache(batch["state"])  # index_select on the batch dimension: one copy of the prompt per candidate
     width = candidate_mask.shape[1]
     positions = prompt_mask.sum(-1)[batch["state"], None] + torch.arange(width, device=candidate_mask.device)
     candidate_logits = model(
         input_ids=batch["candidates"], attention_mask=torch.cat([prompt_mask[batch["state"]], candidate_mask], dim=1),
-        position_ids=positions, use_cache=True, **cache_argument,
+        position_ids=positions, use_cache=True, **cache_keyword,
         # The last token's logits would predict past the candidate.
         logits_to_keep=torch.arange(width - 1, device=candidate_mask.device),
     ).logits

@@ -36,9 +36,10 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from lib.generation import GenerationConfig
+from lib.generation import GenerationConfig, ends_reply, stop_token_ids
 from lib.losses import logprobs_from_logits
 from lib.prompts import PromptConfig, Turn, answer_text, build_prompt, clean_observation, current_message, render
+from lib.scoring import cache_argument
 
 CONTEXTS = ("window", "episode")
 _MESSAGE = "<<message-7f3a>>"
@@ -149,12 +150,6 @@ def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
-def _cache_argument(decoder) -> str:
-    import inspect
-
-    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-
-
 class StreamCache:
     """One model's KV cache of each slot's stream (module docstring): per slot, per layer, keys and values
     (1, heads, length, head_dim). Slots run one forward each: streams grow by different amounts each turn (a new
@@ -188,7 +183,7 @@ class StreamCache:
         decoder = lm.get_decoder()
         cache = DynamicCache(self.rows[row]) if self.rows[row] is not None else DynamicCache(config=lm.config)
         output = decoder(input_ids=torch.tensor([new_ids], device=device), attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{_cache_argument(decoder): cache})
+                         use_cache=True, **{cache_argument(decoder): cache})
         kept = past + (main if keep else 0)
         self.rows[row] = [(layer.keys[:, :, :kept], layer.values[:, :, :kept]) for layer in cache.layers] if kept else None
         self.lengths[row] = kept
@@ -224,10 +219,6 @@ def candidate_turn(lm, cache: StreamCache, pending: list[list[int]], candidate_i
     return scores, values
 
 
-def stop_ids(tokenizer) -> set[int]:
-    return {tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
-
-
 def generate_turn(lm, ref_lm, cache: StreamCache, ref_cache: StreamCache | None, pending: list[list[int]],
                   config: GenerationConfig, tokenizer, value_head=None):
     """Generate mode's turn for each slot with pending tokens (others: []): sample a reply token by token on top
@@ -244,7 +235,7 @@ def generate_turn(lm, ref_lm, cache: StreamCache, ref_cache: StreamCache | None,
             warpers.append(TopKLogitsWarper(config.top_k))
         if config.top_p < 1.0:
             warpers.append(TopPLogitsWarper(config.top_p))
-    stops = stop_ids(tokenizer)
+    stops = stop_token_ids(tokenizer)
     results: list[dict | None] = [None] * len(pending)
     for row, ids in enumerate(pending):
         if not ids:
@@ -262,7 +253,7 @@ def generate_turn(lm, ref_lm, cache: StreamCache, ref_cache: StreamCache | None,
             logprobs.append(logprobs_from_logits(logits / temperature, torch.tensor([token], device=logits.device))[0])
             response.append(token)
             new_ids = [token]
-            if token in stops or "\n" in tokenizer.decode([token]) or len(response) >= config.max_new_tokens:
+            if ends_reply(token, tokenizer, stops) or len(response) >= config.max_new_tokens:
                 break
         ref_logprobs = None
         if ref_cache is not None:

@@ -164,3 +164,19 @@ def test_bad_training_args_fail_before_the_model_loads(trained_model, tiny_games
     assert error.startswith("error: ") and "\n" not in error
     assert str(path) in error and named in error
     assert "settings from" not in captured.out
+
+
+def test_a_model_trained_with_episode_context_plays_with_it(trained_model, tiny_games, tmp_path):
+    from lib.agents import EpisodeScoringAgent
+
+    write_training_args(trained_model, {**TRAINED, "action_mode": "score", "context": "episode",
+                                        "max_context_tokens": 600})
+    argv = ["--model_name_or_path", str(trained_model)]
+    args, _, sources = settings(argv)
+    assert (args.context, args.max_context_tokens) == ("episode", 600) and sources["context"] == ARGS_FILE
+    assert isinstance(play.make_agent(args, play.load_tokenizer(str(trained_model))), EpisodeScoringAgent)
+    out = tmp_path / "eval"
+    assert play.main([*argv, "--games", ",".join(tiny_games), "--num_episodes", "2", "--max_episode_turns", "3",
+                      "--output_dir", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["args"]["context"] == "episode" and report["episodes"] == 2

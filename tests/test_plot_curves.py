@@ -37,3 +37,20 @@ def test_unknown_key_and_missing_logs_are_named(tmp_path):
     assert result.returncode != 0 and "charts/nope" in result.stderr and "objective/reward" in result.stderr
     result = plot(str(tmp_path / "empty"), "--keys", "objective/reward", "--out", str(tmp_path / "x.png"))
     assert result.returncode != 0 and "no tensorboard event files" in result.stderr
+
+
+def test_wall_time_axis_counts_minutes_from_the_first_event(tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    from plot_curves import read_scalars
+
+    writer = SummaryWriter(str(tmp_path / "run" / "runs"))
+    writer.add_scalar("eval/normalized_score", 0.1, 0, walltime=1000.0)
+    writer.add_scalar("eval/normalized_score", 0.5, 2, walltime=1000.0 + 90)
+    writer.close()
+    minutes = read_scalars(tmp_path / "run" / "runs", minutes=True)["eval/normalized_score"]
+    assert minutes[2] - minutes[0] == 1.5
+    out = tmp_path / "two.png"
+    result = plot(str(tmp_path / "run"), "--keys", "eval/normalized_score", "--x", "wall_time", "env_steps",
+                  "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -172,6 +172,7 @@ def test_answer_text_ends_like_a_reply(tiny_model_path):
 
 
 BAD_FLAGS = [
+    (["--context", "episode"], "--context episode"),
     (["--keep_top_percent", "10", "--keep_top_n", "3"], "--keep_top_percent and --keep_top_n"),
     (["--keep_top_percent", "0"], "--keep_top_percent"),
     (["--keep_top_percent", "150"], "--keep_top_percent"),

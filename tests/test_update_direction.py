@@ -89,17 +89,20 @@ def chosen_logprobs(model, turns, tokenizer, score_mode):
         return [float(scored["logprobs"][i, : len(t.response_ids)].sum()) for i, t in enumerate(turns)]
 
 
-def one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer=None, value_only=False):
-    """The script's path from collected turns to one optimizer step (plain SGD unless `optimizer` is given)."""
+def one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer=None, value_only=False, streams=False):
+    """The script's path from collected turns to one optimizer step (plain SGD unless `optimizer` is given); with
+    `streams`, --context episode's losses over whole streams."""
     accelerator = Accelerator(gradient_accumulation_steps=ppo.gradient_accumulation_steps)
     options = {"ppo": ppo, "temperature": 1.0, "pad_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
     if score_mode:
         batch = ppo_textworld.collate_decisions(turns)
-        loss_fn = partial(ppo_textworld.turn_level_loss, ref_model=ref, length_normalize=False, **options)
+        loss = ppo_textworld.stream_turn_loss if streams else ppo_textworld.turn_level_loss
+        loss_fn = partial(loss, ref_model=ref, length_normalize=False, **options)
         estimate = ppo_textworld.turn_level_gae
     else:
         batch = ppo_textworld.collate_responses(turns, tokenizer.pad_token_id)
-        loss_fn = partial(ppo_textworld.token_level_loss, ref_model=ref, **options)
+        loss_fn = partial(ppo_textworld.stream_token_loss if streams else ppo_textworld.token_level_loss, ref_model=ref,
+                          **options)
         estimate = ppo_textworld.token_level_gae
     if ppo.advantage_estimator != "gae":
         estimate = ppo_textworld.CRITIC_FREE_ADVANTAGES[ppo.advantage_estimator]
@@ -108,22 +111,28 @@ def one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer=None, va
     optimizer = optimizer or torch.optim.SGD(parameters, lr=ppo.learning_rate)
     model.train()
     ppo_textworld.ppo_update(accelerator, model, optimizer, NonFiniteGuard(accelerator, 3), loss_fn, turns, batch,
-                             advantages, returns, ppo=ppo, parameters=parameters, where="test", value_only=value_only)
+                             advantages, returns, ppo=ppo, parameters=parameters, where="test", value_only=value_only,
+                             units=ppo_textworld.stream_units(turns) if streams else None)
     model.eval()
     return raw_advantages
 
 
 @pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
 @pytest.mark.parametrize("whiten", [False, True], ids=["raw", "whitened"])
-def test_one_update_raises_the_rewarded_action_and_lowers_the_punished_one(tiny_model_path, tokenizer, score_mode, whiten):
+@pytest.mark.parametrize("streams", [False, True], ids=["window", "episode"])
+def test_one_update_raises_the_rewarded_action_and_lowers_the_punished_one(tiny_model_path, tokenizer, score_mode, whiten,
+                                                                          streams):
     model, ref = fresh_model(tiny_model_path)
     turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    if streams:  # --context episode: each one-turn episode is a stream of its own, its prompt the stream's start
+        for index, turn_ in enumerate(turns):
+            turn_.stream, turn_.stream_offset = index, 0
     before = chosen_logprobs(model, turns, tokenizer, score_mode)
     ppo = ppo_textworld.PPOArguments(
         learning_rate=0.01, ppo_epochs=1, num_minibatches=1, gradient_accumulation_steps=1, kl_coef=0.0, lam=1.0,
         whiten_advantages=whiten, max_grad_norm=1e9,
     )
-    raw_advantages = one_update(model, ref, tokenizer, turns, score_mode, ppo)
+    raw_advantages = one_update(model, ref, tokenizer, turns, score_mode, ppo, streams=streams)
     after = chosen_logprobs(model, turns, tokenizer, score_mode)
     # The advantage of a terminated one-turn episode with a value of 0 is its reward, on every token (lam 1).
     assert raw_advantages[:, 0].tolist() == pytest.approx(REWARDS)
@@ -195,3 +204,40 @@ def test_a_value_warmup_iteration_moves_the_value_head_alone(tiny_model_path, to
     assert [group["lr"] for group in optimizer.param_groups] == [0.01, 0.05]
     one_update(model, ref, tokenizer, turns, score_mode, ppo, optimizer)
     assert any(not torch.equal(p, policy[name]) for name, p in model.policy.named_parameters())
+
+
+@pytest.mark.parametrize("score_mode", [False, True], ids=["generate", "score"])
+def test_stream_losses_equal_the_window_losses_on_the_same_tokens(tiny_model_path, tokenizer, score_mode):
+    """When each turn is a stream of its own (its prompt the stream's start), the --context episode losses read the
+    tokens the window losses read: the same loss and figures, to float precision, and the same gradient."""
+    model, ref = fresh_model(tiny_model_path)
+    torch.nn.init.normal_(model.value_head.net.weight)  # values that differ per turn
+    turns = (score_mode_turns if score_mode else generate_mode_turns)(model, ref, tokenizer)
+    for index, turn_ in enumerate(turns):
+        turn_.stream, turn_.stream_offset = index, 0
+    ppo = ppo_textworld.PPOArguments(kl_loss_coef=0.1, ent_coef=0.01)
+    options = {"ppo": ppo, "temperature": 0.7, "pad_id": tokenizer.pad_token_id, "device": torch.device("cpu")}
+    if score_mode:
+        batch = ppo_textworld.collate_decisions(turns)
+        losses = [partial(loss, ref_model=ref, length_normalize=True, **options)
+                  for loss in (ppo_textworld.turn_level_loss, ppo_textworld.stream_turn_loss)]
+    else:
+        batch = ppo_textworld.collate_responses(turns, tokenizer.pad_token_id)
+        losses = [partial(loss, ref_model=ref, **options)
+                  for loss in (ppo_textworld.token_level_loss, ppo_textworld.stream_token_loss)]
+    advantages = torch.tensor([[1.0], [-0.5]]).expand_as(batch["mask"]) * batch["mask"]
+    returns = advantages + 0.3
+    index = torch.tensor([1, 0])  # a micro-batch in another order than the turns
+    results = []
+    for loss_fn in losses:
+        model.zero_grad()
+        loss, stats, _ = loss_fn(model, turns=turns, batch=batch, index=index, advantages=advantages, returns=returns)
+        loss.backward()
+        gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        results.append((float(loss), stats, gradient))
+    (window_loss, window_stats, window_gradient), (stream_loss, stream_stats, stream_gradient) = results
+    assert stream_loss == pytest.approx(window_loss, abs=1e-5)
+    assert stream_stats.keys() == window_stats.keys()
+    for key in window_stats:
+        assert float(stream_stats[key]) == pytest.approx(float(window_stats[key]), abs=1e-5), key
+    torch.testing.assert_close(stream_gradient, window_gradient, atol=1e-5, rtol=1e-4)
