@@ -46,6 +46,10 @@ What differs between the action modes is chosen once, before the loop (`collate`
     gigpo adds to grpo's, per turn, --gigpo_step_weight times the turn's return (discounted by --gamma_turn)
     normalized among the group's turns played from the same state (Transition.state_key; lib.losses.
     group_in_group_advantages).
+  --context episode (either mode, gae or critic-free): each slot's turns in an iteration are one token stream read
+    through a KV cache (lib/streams.py): the rollout encodes only each turn's new tokens, the losses
+    (`stream_token_loss`, `stream_turn_loss`) read each stream in one packed row, and `ppo_update` splits whole
+    streams (`stream_units`) into micro-batches.
 An update that meets a NaN or inf (loss, gradient norm, rewards, values, advantages) is skipped with a warning
 (lib.training.NonFiniteGuard); --max_nonfinite_updates in a row stop the run before it saves.
 Log-probs, entropy and the KL terms use logits divided by the sampling temperature (top-k/top-p truncation is

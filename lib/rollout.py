@@ -154,7 +154,6 @@ class RolloutCollector:
         generate_kwargs: dict | None = None,
         autocast=contextlib.nullcontext,
         max_context_tokens: int | None = None,
-        with_reference: bool = True,
     ):
         """`max_context_tokens`: play with --context episode (lib/streams.py) within that many tokens per stream;
         None: --context window, a prompt built per turn."""
@@ -164,7 +163,7 @@ class RolloutCollector:
         self.generation_config = generation_config
         self.reward_fn = reward_fn
         self.context = None if max_context_tokens is None else EpisodeContext(
-            env.num_envs, prompt_config, tokenizer, max_context_tokens, with_reference)
+            env.num_envs, prompt_config, tokenizer, max_context_tokens, with_reference=True)
         self.generate_kwargs = generate_kwargs or {}
         self.autocast = autocast
         self.states: list[GameState | None] = env.reset()
@@ -289,7 +288,8 @@ class RolloutCollector:
         slot's last new token (the state's value) (None without a value head)."""
         pending = self.context.pending(slots)
         with self.autocast(), torch.no_grad():
-            results = generate_turn(model.policy, ref_model, self.context.cache, self.context.ref_cache, pending,
+            ref_cache = None if ref_model is None else self.context.ref_cache
+            results = generate_turn(model.policy, ref_model, self.context.cache, ref_cache, pending,
                                     self.generation_config, self.tokenizer, model.value_head)
         acted = []
         for slot in slots:
@@ -360,10 +360,9 @@ class ScoringRolloutCollector(RolloutCollector):
     sampling temperature; the value is read at the prompt's last token of the same forward."""
 
     def __init__(self, env: BatchEnv, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig,
-                 reward_fn: RewardFn, autocast=contextlib.nullcontext, max_context_tokens: int | None = None,
-                 with_reference: bool = True):
+                 reward_fn: RewardFn, autocast=contextlib.nullcontext, max_context_tokens: int | None = None):
         super().__init__(env, tokenizer, prompt_config, None, reward_fn, autocast=autocast,
-                         max_context_tokens=max_context_tokens, with_reference=with_reference)
+                         max_context_tokens=max_context_tokens)
         self.scoring_config = scoring_config
         self.turn_candidates: dict[int, tuple[list[str], list[list[int]]]] = {}
 

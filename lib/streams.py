@@ -10,12 +10,12 @@ update trains on; nothing is re-tokenized from text):
             end-of-turn token, a plain transcript's newline), the next message (lib.prompts.current_message:
             observation, inventory, hint) and the header the policy answers after, as the prompt format renders a
             following turn (`StreamFormat`).
-A stream starts at the first turn of an episode and at the first turn of each iteration (lib.rollout's collect):
-the update then trains on whole streams, one packed row each, without re-encoding earlier iterations' tokens as
-context (which cost about as much as the window prompts they replace: docs/benchmarks.md). It also restarts when
+A stream starts at the first turn of an episode and at the first turn of each iteration (lib.rollout's collect),
+so that its tokens all belong to one iteration's rollout and update (one packed row each); it also restarts when
 it plus the next segment plus room for a reply (`reply_room`) would pass max_context_tokens. Every start is the
-prompt --context window shows for that state, so a stream's start is a function of the episode's history: a
-resumed run rebuilds it from the replayed turns.
+prompt --context window shows for that state, a function of the episode's history: a resumed run rebuilds it from
+the replayed turns. (Keeping streams across iterations, with the earlier tokens as the update's context, cost the
+update as many tokens per env step: README, "What the policy reads each turn".)
 
 The KV cache (`StreamCache`) holds each slot's stream; a forward appends a slot's new tokens and returns their
 hidden states. A token's position is its index in its stream.
@@ -65,7 +65,8 @@ class StreamFormat:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def start_ids(self, state, history: list[Turn]) -> list[int]:
-        """The window prompt of `state` with `history` (its last memory_turns turns) as token ids."""
+        """The window prompt of `state` after the episode's turns `history` (it shows the last memory_turns) as token
+        ids."""
         observation = clean_observation(state.observation, state.objective)
         return self.encode(build_prompt(state.objective, observation, state.inventory, state.admissible_commands,
                                         history, self.config, self.tokenizer))
@@ -100,7 +101,7 @@ class SlotStreams:
             if len(self.ids[slot]) + len(segment) + reply_room <= self.max_context_tokens:
                 self.ids[slot] += segment
                 return segment, False
-        start = self.format.start_ids(state, history[-self.format.config.memory_turns:] if self.format.config.memory_turns else [])
+        start = self.format.start_ids(state, history)
         self.ids[slot], self.cached[slot], self.replies[slot] = list(start), 0, []
         self.numbers[slot], self.next_number = self.next_number, self.next_number + 1
         return start, True
@@ -211,9 +212,8 @@ def candidate_turn(lm, cache: StreamCache, pending: list[list[int]], candidate_i
             blocks += [block] * len(answer)
         hidden = cache.forward(lm, row, new_ids, blocks)
         logits = lm.get_output_embeddings()(hidden[torch.tensor(sources, device=hidden.device)])
-        token_logprobs = logprobs_from_logits(logits.float(), torch.tensor(targets, device=hidden.device))
-        row_scores = torch.stack([part.sum() for part in token_logprobs.split(lengths)])
-        scores[row] = row_scores / torch.tensor(lengths, device=hidden.device) if length_normalize else row_scores
+        read = {"targets": torch.tensor(targets), "lengths": lengths, "counts": [len(candidates)]}
+        scores[row] = candidate_scores(logits, read, length_normalize)[0]
         if value_head is not None:
             values[row] = value_head(hidden[len(ids) - 1])
     return scores, values
@@ -384,7 +384,8 @@ class EpisodeContext:
 
 
 def candidate_scores(logits: torch.Tensor, packed: dict, length_normalize: bool) -> list[torch.Tensor]:
-    """Score mode: `stream_outputs` logits (M, V) of packed rows -> per turn its candidates' scores (K,)."""
+    """Score mode: the logits (M, V) predicting packed['targets'] (every candidate's tokens, candidate after
+    candidate, `lengths` each, `counts` candidates per turn) -> per turn its candidates' scores (K,)."""
     token_logprobs = logprobs_from_logits(logits.float(), packed["targets"].to(logits.device))
     lengths = torch.tensor(packed["lengths"], device=logits.device)
     scores = torch.stack([part.sum() for part in token_logprobs.split(packed["lengths"])])

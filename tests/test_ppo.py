@@ -332,14 +332,18 @@ def test_two_process_deepspeed_zero2_on_cpu_score_mode(tiny_model_path, tiny_gam
     assert sorted(set(check_score_mode_rollouts(output, 2 * 2)["process"])) == [0, 1]
 
 
-@pytest.mark.parametrize("mode", ["generate", "score"])
-def test_end_to_end_episode_context(mode, tiny_model_path, tiny_games, tmp_path):
+@pytest.mark.parametrize("mode,flags", [("generate", {}), ("score", {}),
+                                        ("score", {"advantage_estimator": "gigpo", "group_size": 2, "num_envs": 4})],
+                         ids=["generate", "score", "score-gigpo"])
+def test_end_to_end_episode_context(mode, flags, tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
     log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, action_mode=mode,
-                                   max_candidates=3, context="episode", max_context_tokens=600, report_to="none"))
+                                   max_candidates=3, context="episode", max_context_tokens=600, report_to="none",
+                                   **flags))
     assert "after training" in log
     dataset = load_rollouts(output)
-    assert dataset.num_rows == 2 * 2 * 2
+    if not flags:  # gae: num_envs * turns_per_slot * iterations; critic-free estimators play whole episodes
+        assert dataset.num_rows == 2 * 2 * 2
     for stream in set(zip(dataset["iteration"], dataset["stream"])):  # a stream is its turns' tokens, in order
         rows = [row for row in dataset if (row["iteration"], row["stream"]) == stream]
         offsets = [row["stream_offset"] for row in rows]
