@@ -273,3 +273,37 @@ def test_update_reads_what_the_rollout_read(tiny, tiny_games, mode):
     assert restarts
     first_turns = [t for rollout in rollouts for t in rollout.transitions[:2]]
     assert all(t.stream_offset == 0 for t in first_turns)  # every iteration starts new streams
+
+
+def test_peek_value_reads_the_state_on_the_stream_and_changes_nothing(tiny):
+    """A truncated episode's final state is valued as the next turn of its stream would read it (the reply the
+    caches lack, then the state's segment), and the stream and its cache stay as they were."""
+    from lib.streams import EpisodeContext
+    from lib.value_head import PolicyWithValue
+
+    model, tokenizer, head = tiny
+    policy = PolicyWithValue(model, head)
+    context = EpisodeContext(1, PromptConfig(), tokenizer, max_context_tokens=1024)
+
+    class State:
+        objective, inventory, admissible_commands = "Find the coin.", "", ["go north", "take coin"]
+
+        def __init__(self, observation):
+            self.observation = observation
+
+    candidates = encode_candidates_for(tokenizer, ["go north", "take coin"])
+    with torch.no_grad():
+        context.begin(0, State("A hall."), [], reply_room=8)
+        candidate_turn(model, context.cache, context.pending([0]), [candidates], length_normalize=False)
+        context.streams.add_reply(0, candidates[1], cached=len(context.streams.ids[0]))
+        ids, length = list(context.streams.ids[0]), context.cache.lengths[0]
+        value = context.peek_value(policy, 0, State("You see a coin."))
+        expected = scratch_values(model, head, [ids + context.streams.format.segment_ids(candidates[1], State("You see a coin."))])
+    assert value == pytest.approx(float(expected[0]), abs=1e-4)
+    assert context.streams.ids[0] == ids and context.cache.lengths[0] == length
+
+
+def encode_candidates_for(tokenizer, commands):
+    from lib.scoring import encode_candidates
+
+    return encode_candidates([commands], PromptConfig(), tokenizer)[0]
