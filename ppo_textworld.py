@@ -38,6 +38,9 @@ What differs between the action modes is chosen once, before the loop (`collate`
     each slot's turns (lib.losses.turn_gae: gamma_turn, lam). Loss: lib.losses.candidate_ppo_loss, clipping the
     ratio of the chosen command's probability, with entropy and exact KL over the candidates; every micro-batch
     rescores its turns' candidates with gradient (one packed row per state, lib.scoring.candidate_logprobs_packed).
+    With --share_trunk (on), the reference reads the policy's frozen bottom layers, which run once per token in the
+    rollout, and each micro-batch starts from their states, kept by the rollout, at the first trainable layer
+    (lib/trunk.py).
   --advantage_estimator grpo, rloo or gigpo (either mode): no value head is built or saved. The slots play in groups
     of --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
     iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's, given to
@@ -122,6 +125,7 @@ from lib.training import (
     model_card,
     parse_or_exit,
 )
+from lib.trunk import share_trunk
 from lib.value_head import VALUE_HEAD_FILE, VALUE_HEAD_TYPES, PolicyWithValue, ValueHead, load_value_head
 
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "rloo", "gigpo")
@@ -161,6 +165,7 @@ class PPOArguments:
     kl_horizon: float = field(default=10000.0, metadata={"help": "Horizon (turns) of the adaptive KL controller."})
     kl_loss_coef: float = field(default=0.0, metadata={"help": "Weight of an exact-gradient KL loss to the reference (0: off)."})
     kl_direction: str = field(default="reverse", metadata={"help": f"Direction of the exact KL loss: {', '.join(KL_DIRECTIONS)}."})
+    share_trunk: bool = field(default=True, metadata={"help": "The reference uses the policy's frozen bottom layers (one copy in memory); in score mode they run once per token for both, and the update starts from their states kept by the rollout (lib/trunk.py). false: two whole models, as before."})
     whiten_advantages: bool = field(default=True, metadata={"help": "Whiten gae advantages over the batch."})
     whiten_across_processes: bool = field(default=False, metadata={"help": "Whiten with statistics of all processes' batches."})
 
@@ -435,12 +440,15 @@ def token_level_loss(model, ref_model, turns, batch, index, advantages, returns,
 
 
 def turn_level_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                    temperature: float, pad_id: int, device, length_normalize: bool, value_only: bool = False):
+                    temperature: float, pad_id: int, device, length_normalize: bool, trunk_layers: int = 0,
+                    value_only: bool = False):
     """lib.losses.candidate_ppo_loss over the turns' candidates, rescored with gradient; the value comes from the
-    same prompt forward."""
+    same prompt forward. Turns that kept their trunk states (lib/trunk.py) are rescored from them."""
     prompt_ids, candidate_ids = [turns[i].prompt_ids for i in index], [turns[i].candidate_ids for i in index]
+    trunks = [turns[i].trunk for i in index]
+    kept = {"trunk_layers": trunk_layers, "trunks": trunks} if all(t is not None for t in trunks) else {}
     scored = score_candidates(model, ref_model if ppo.kl_loss_coef > 0 else None, prompt_ids, candidate_ids, pad_id,
-                              length_normalize, temperature)
+                              length_normalize, temperature, **kept)
     old_values = None if scored["values"] is None else batch["values"][index, 0].to(device)
     loss, stats = candidate_ppo_loss(
         scored["logprobs"], scored["mask"], batch["chosen_index"][index].to(device), batch["logprobs"][index, 0].to(device),
@@ -460,7 +468,8 @@ def stream_segments(turns: list[Transition], index: torch.Tensor) -> list[dict]:
         turn = turns[i]
         segment = segments.setdefault(turn.stream, {"turns": []})
         segment["turns"].append({"prompt_ids": turn.prompt_ids, "response_ids": turn.response_ids,
-                                 "candidate_ids": turn.candidate_ids})
+                                 "candidate_ids": turn.candidate_ids, "trunk": turn.trunk,
+                                 "chosen_index": turn.chosen_index})
     return list(segments.values())
 
 
@@ -483,11 +492,14 @@ def stream_token_loss(model, ref_model, turns, batch, index, advantages, returns
 
 
 def stream_turn_loss(model, ref_model, turns, batch, index, advantages, returns, *, ppo: PPOArguments,
-                     temperature: float, pad_id: int, device, length_normalize: bool, value_only: bool = False):
+                     temperature: float, pad_id: int, device, length_normalize: bool, trunk_layers: int = 0,
+                     value_only: bool = False):
     """turn_level_loss on streams: each turn's candidates rescored with gradient in one forward per stream
-    (candidate blocks beside the stream), the value at each turn's last prompt token."""
+    (candidate blocks beside the stream), the value at each turn's last prompt token; from the streams' kept trunk
+    states when they have them (lib/trunk.py)."""
     packed = pack_stream_segments(stream_segments(turns, index), pad_id)
-    logits, values = model(stream=packed)
+    trunk_layers = trunk_layers if packed["trunks"] is not None else 0
+    logits, values = model(stream=packed, trunk_layers=trunk_layers)
 
     def policy(scores):
         return pad_rows([policy_logprobs(s, temperature) for s in scores])
@@ -496,7 +508,8 @@ def stream_turn_loss(model, ref_model, turns, batch, index, advantages, returns,
     ref_logprobs = None
     if ppo.kl_loss_coef > 0:
         with torch.no_grad():
-            ref_logprobs = policy(candidate_scores(stream_outputs(ref_model, packed)[0], packed, length_normalize))
+            ref_logits = stream_outputs(ref_model, packed, trunk_layers=trunk_layers)[0]
+            ref_logprobs = policy(candidate_scores(ref_logits, packed, length_normalize))
     mask = pad_rows([torch.ones(count, dtype=torch.bool, device=logprobs.device) for count in packed["counts"]])
     old_values = None if values is None else batch["values"][index, 0].to(device)
     loss, stats = candidate_ppo_loss(
@@ -620,6 +633,8 @@ def main(argv: list[str]) -> None:
                                 ppo.learning_rate, max(1, slots * run.turns_per_slot // micro_batches),
                                 ppo.gradient_accumulation_steps, ppo.max_grad_norm)
     model, optimizer, ref_model = training.prepare(model, optimizer, ref_model)
+    # The reference reads the policy's frozen bottom layers instead of its own copy, once per token (lib/trunk.py).
+    trunk_layers = share_trunk(accelerator.unwrap_model(model).policy, ref_model) if ppo.share_trunk else 0
     generate_kwargs = {"synced_gpus": True} if training.zero3 else {}
     kl_controller = (
         AdaptiveKLController(ppo.kl_coef, ppo.target_kl, ppo.kl_horizon) if ppo.adaptive_kl else FixedKLController(ppo.kl_coef)
@@ -644,7 +659,7 @@ def main(argv: list[str]) -> None:
                                             accelerator.autocast, max_context_tokens)
         collate = collate_decisions
         loss_fn = partial(stream_turn_loss if episode_context else turn_level_loss, ref_model=ref_model,
-                          length_normalize=rollout_args.length_normalize, **loss_options)
+                          length_normalize=rollout_args.length_normalize, trunk_layers=trunk_layers, **loss_options)
         estimate = turn_level_gae
     else:
         greedy = generation_config(rollout_args, greedy=True)

@@ -37,8 +37,10 @@ ROWS = {
         ("rollout, score mode: tokens/s read by the policy", "score_tokens_per_s", None, None),
     ],
     "context": [
-        ("training env steps/s, --context episode / window, 12-turn episodes", "quick_speedup", 2.0, "min"),
-        ("training env steps/s, --context episode / window, 50-turn episodes", "long_speedup", 3.0, "min"),
+        ("training env steps/s, --context window / before the shared trunk, 12-turn episodes", "quick_window_speedup", None, None),
+        ("training env steps/s, --context episode / before the shared trunk (window), 12-turn episodes", "quick_episode_speedup", 2.0, "min"),
+        ("training env steps/s, --context window / before the shared trunk, 50-turn episodes", "long_window_speedup", None, None),
+        ("training env steps/s, --context episode / before the shared trunk (window), 50-turn episodes", "long_episode_speedup", 3.0, "min"),
         ("peak RSS of --context episode training, 50-turn episodes (GiB)", "long_episode_peak_rss_gib", 4.0, "max"),
     ],
 }

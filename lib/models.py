@@ -7,6 +7,7 @@ result trains and saves with `save_pretrained` like any other.
 """
 
 import importlib.util
+import inspect
 import math
 import os
 from pathlib import Path
@@ -179,6 +180,19 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the {count} decoder layers of {type(model).__name__}; use --trainable_layers_fraction 1")
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: transformers 5 renamed `past_key_values` to `cache` (the old name warns,
+    and goes in 5.40), and the project allows any 5.x. A DeepSpeed engine (the ZeRO-3 reference) is asked about the
+    module it wraps."""
+    forward = getattr(model, "module", model).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def final_norm(decoder: nn.Module) -> nn.Module | None:
+    """The decoder's final norm (named norm, final_layernorm or ln_f across architectures), or None."""
+    return getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(decoder, "ln_f", None)
+
+
 def freeze_lower_layers(model: nn.Module, fraction: float) -> list[str]:
     """Train only the last `fraction` of the decoder layers, the final norm, and the LM head when it is not tied to
     the input embeddings; everything below stays frozen, so backward stops at the first trainable layer.
@@ -195,8 +209,7 @@ def freeze_lower_layers(model: nn.Module, fraction: float) -> list[str]:
     model.requires_grad_(False)
     for layer in layers[len(layers) - num_trainable :]:
         layer.requires_grad_(True)
-    decoder = model.get_decoder()
-    norm = getattr(decoder, "norm", None) or getattr(decoder, "final_layernorm", None) or getattr(decoder, "ln_f", None)
+    norm = final_norm(model.get_decoder())
     if norm is not None:
         norm.requires_grad_(True)
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()

@@ -86,6 +86,7 @@ from lib.scoring import (
 )
 from lib.sequences import score_sequences
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
+from lib.trunk import shared_layers
 
 ROLLOUTS_DIR = "rollouts"
 
@@ -126,6 +127,9 @@ class Transition:
     # when its stream (re)starts); the stream's number and how many of its tokens came before them.
     stream: int | None = None
     stream_offset: int | None = None
+    # The trunk states of the tokens the turn's forward read (lib/trunk.py), when the reference shares the policy's
+    # trunk: what the update's forwards start from. Not saved with the rollout.
+    trunk: torch.Tensor | None = None
 
 
 @dataclass
@@ -382,13 +386,20 @@ class ScoringRolloutCollector(RolloutCollector):
         pending = self.context.pending(slots)
         candidate_ids = [self.turn_candidates[slot][1] if slot in self.turn_candidates and slot in slots else None
                          for slot in range(len(pending))]
+        layers = shared_layers(model.policy, ref_model)
+        trunks = [None] * len(pending)
         with self.autocast(), torch.no_grad():
-            scores, values = candidate_turn(model.policy, self.context.cache, pending, candidate_ids,
-                                            length_normalize=config.length_normalize, value_head=model.value_head)
-            ref_scores = None
-            if ref_model is not None:
-                ref_scores, _ = candidate_turn(ref_model, self.context.ref_cache, pending, candidate_ids,
-                                               length_normalize=config.length_normalize)
+            if layers:  # the reference reads the policy's trunk (lib/trunk.py)
+                scores, values, ref_scores, trunks = candidate_turn(
+                    model.policy, self.context.cache, pending, candidate_ids, length_normalize=config.length_normalize,
+                    value_head=model.value_head, shared=(ref_model, self.context.ref_cache, layers))
+            else:
+                scores, values = candidate_turn(model.policy, self.context.cache, pending, candidate_ids,
+                                                length_normalize=config.length_normalize, value_head=model.value_head)
+                ref_scores = None
+                if ref_model is not None:
+                    ref_scores, _ = candidate_turn(ref_model, self.context.ref_cache, pending, candidate_ids,
+                                                   length_normalize=config.length_normalize)
         acted = []
         for slot in slots:
             commands, ids = self.turn_candidates.pop(slot)
@@ -402,7 +413,7 @@ class ScoringRolloutCollector(RolloutCollector):
                 "logprobs": logprobs[index : index + 1],
                 "ref_logprobs": None if ref_logprobs is None else ref_logprobs[index : index + 1],
                 "values": None if values[slot] is None else values[slot].reshape(1).float().cpu(),
-                "candidates": commands, "chosen_index": index, "candidate_ids": ids, **fields,
+                "candidates": commands, "chosen_index": index, "candidate_ids": ids, "trunk": trunks[slot], **fields,
             })
         return acted, None if model.value_head is None else torch.stack([fields["values"][0] for fields in acted])
 
@@ -416,8 +427,9 @@ class ScoringRolloutCollector(RolloutCollector):
         with self.autocast(), torch.no_grad():
             scored = score_candidates(
                 model, ref_model, prompt_ids + pending_ids, candidate_ids + throwaway, self.tokenizer.pad_token_id,
-                config.length_normalize, config.temperature,
+                config.length_normalize, config.temperature, trunk_layers=shared_layers(model.policy, ref_model),
             )
+        trunks = scored.pop("trunks") or [None] * len(prompts)
         scored = {key: None if value is None else value.cpu() for key, value in scored.items()}
         values = scored["values"]
         acted = []
@@ -431,6 +443,7 @@ class ScoringRolloutCollector(RolloutCollector):
                 "ref_logprobs": ref_logprobs[index : index + 1],
                 "values": None if values is None else values[row : row + 1],
                 "candidates": commands, "chosen_index": index, "candidate_ids": candidate_ids[row],
+                "trunk": trunks[row],
             })
         return acted, values
 

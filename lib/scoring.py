@@ -26,14 +26,15 @@ ones the prompt's hint also leaves out) go first, from the end of the list; then
 first `max_candidates`. The kept commands stay in the game's order.
 """
 
-import inspect
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from lib.losses import logprobs_from_logits, masked_sum
+from lib.models import cache_argument
 from lib.prompts import EXAMINE_VERBS, PromptConfig, answer_text
+from lib.trunk import causal_mask, top_hidden, trunk_hidden
 
 ACTION_MODES = ("generate", "score")
 
@@ -109,14 +110,6 @@ def _scores(logits: torch.Tensor, batch: dict, length_normalize: bool) -> list[t
     return list(scores.split(batch["counts"]))
 
 
-def cache_argument(model) -> str:
-    """The forward's name for the KV cache: transformers 5 renamed `past_key_values` to `cache` (the old name warns,
-    and goes in 5.40), and the project allows any 5.x. A DeepSpeed engine (the ZeRO-3 reference) is asked about the
-    module it wraps."""
-    forward = getattr(model, "module", model).forward
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
 def candidate_logprobs(
     model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False,
     value_head=None,
@@ -153,9 +146,55 @@ def candidate_logprobs(
     return scores if value_head is None else (scores, values)
 
 
+@torch.no_grad()
+def candidate_logprobs_shared(
+    policy, reference, layers: int, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int,
+    length_normalize: bool = False, value_head=None,
+) -> dict:
+    """`candidate_logprobs` of the policy (with its values) and of a reference that shares its first `layers`
+    decoder layers (lib/trunk.py), in the same two cached forwards, each running that trunk once for both.
+
+    Returns scores and ref_scores (per state (K_s,)), values (S,) or None, and trunks: per state the trunk states of
+    its prompt's tokens then of its candidates' one after another (L_s, H), the row `candidate_logprobs_packed`
+    lays out, for the update to start from."""
+    batch = _flatten(prompt_ids, candidate_ids, pad_id, next(policy.parameters()).device)
+    dtype = next(policy.parameters()).dtype
+    prompt_mask, candidate_mask = batch["prompt_mask"], batch["candidate_mask"]
+    caches = [DynamicCache(config=policy.config), DynamicCache(config=reference.config)]
+    # Explicit 4-D masks: a cache holding some layers only would tell the decoder a wrong past length.
+    prompt_inputs = {"attention_mask": causal_mask(prompt_mask, prompt_mask.shape[1], dtype),
+                     "position_ids": (prompt_mask.cumsum(-1) - 1).clamp(min=0)}
+    prompt_trunk = trunk_hidden(policy, layers, batch["prompts"], cache=caches[0], **prompt_inputs)
+    prompt_last = [top_hidden(model, layers, prompt_trunk, cache=cache, **prompt_inputs)[:, -1]
+                   for model, cache in zip((policy, reference), caches)]
+    for cache in caches:
+        cache.reorder_cache(batch["state"])  # one copy of the prompt per candidate
+    width = candidate_mask.shape[1]
+    candidate_inputs = {
+        "attention_mask": causal_mask(torch.cat([prompt_mask[batch["state"]], candidate_mask], dim=1), width, dtype),
+        "position_ids": prompt_mask.sum(-1)[batch["state"], None] + torch.arange(width, device=candidate_mask.device),
+    }
+    candidate_trunk = trunk_hidden(policy, layers, batch["candidates"], cache=caches[0], **candidate_inputs)
+    scored = {}
+    for name, model, cache, last in zip(("scores", "ref_scores"), (policy, reference), caches, prompt_last):
+        # The last token's output would predict past the candidate.
+        hidden = top_hidden(model, layers, candidate_trunk, cache=cache, **candidate_inputs)[:, :-1]
+        logits = model.get_output_embeddings()(torch.cat([last[batch["state"], None], hidden], dim=1))
+        scored[name] = _scores(logits, batch, length_normalize)
+    scored["values"] = None if value_head is None else value_head(prompt_last[0])
+    counts, lengths = batch["counts"], candidate_mask.sum(-1).tolist()
+    first = [sum(counts[:state]) for state in range(len(counts))]
+    scored["trunks"] = [
+        torch.cat([prompt_trunk[state, prompt_trunk.shape[1] - len(prompt):]]
+                  + [candidate_trunk[c, : lengths[c]] for c in range(first[state], first[state] + counts[state])])
+        for state, prompt in enumerate(prompt_ids)
+    ]
+    return scored
+
+
 def candidate_logprobs_packed(
     model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int, length_normalize: bool = False,
-    value_head=None,
+    value_head=None, trunks: list[torch.Tensor] | None = None, trunk_layers: int = 0,
 ):
     """The same scores (and values) as `candidate_logprobs`, from one forward over one row per state: its prompt, then
     all its candidates one after another, each candidate attending to the prompt and to its own earlier tokens only
@@ -163,7 +202,8 @@ def candidate_logprobs_packed(
 
     The prompt's keys and values exist once per state here, not once per candidate: what a gradient pass keeps for
     backward grows with the tokens, not with candidates x prompt length (PPO's update uses this one; acting, without
-    gradient, uses the faster cached one).
+    gradient, uses the faster cached one). With `trunks` (per state its row's trunk states entering layer
+    `trunk_layers`, as `candidate_logprobs_shared` kept them) the forward runs the layers from there up only.
     """
     device = next(model.parameters()).device
     rows, positions, blocks, sources, last = [], [], [], [], []
@@ -191,9 +231,14 @@ def candidate_logprobs_packed(
     allowed = causal & ((block_ids[:, :, None] == block_ids[:, None, :]) | (block_ids[:, None, :] == 0))
     dtype = next(model.parameters()).dtype
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    decoder = model.get_decoder()
-    hidden = decoder(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids,
-                     use_cache=False).last_hidden_state
+    if trunks is None:
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=mask[:, None], position_ids=position_ids,
+                                     use_cache=False).last_hidden_state
+    else:
+        if [len(states_) for states_ in trunks] != list(map(len, rows)):
+            raise ValueError("the kept trunk states do not match the rows' tokens")
+        embeds = torch.nn.utils.rnn.pad_sequence([states_.to(device, dtype) for states_ in trunks], batch_first=True)
+        hidden = top_hidden(model, trunk_layers, embeds, mask[:, None], position_ids)
     states = torch.tensor([state for state, _ in sources], device=device)
     source_index, _ = _pad([positions_ for _, positions_ in sources], 0, left=False)
     gathered = hidden[states[:, None], source_index.to(device)]  # (C, T, H): the positions predicting each token
@@ -238,21 +283,36 @@ def choose_candidate(
 
 
 def score_candidates(model, ref_model, prompt_ids: list[list[int]], candidate_ids: list[list[list[int]]], pad_id: int,
-                     length_normalize: bool, temperature: float) -> dict:
+                     length_normalize: bool, temperature: float, *, trunk_layers: int = 0,
+                     trunks: list[torch.Tensor] | None = None) -> dict:
     """The policy over each state's candidates: logprobs (S, K) = log softmax(scores / temperature) over its K_s
     candidates (0 in the padding), mask (S, K), values (S,) at the prompts' last tokens from the same forward (None
     without a value head), and ref_logprobs (S, K) under `ref_model` (None without it, always computed without
-    gradient). `model` is a lib.value_head.PolicyWithValue (wrapped or not); differentiable through it."""
-    scores, values = model(candidates={"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "pad_id": pad_id,
-                                       "length_normalize": length_normalize})
-    scored = {"logprobs": pad_rows([policy_logprobs(s, temperature) for s in scores]),
-              "mask": pad_rows([torch.ones(len(s), dtype=torch.bool, device=s.device) for s in scores]),
-              "values": None if values is None else values.float(), "ref_logprobs": None}
-    if ref_model is not None:
-        with torch.no_grad():
-            ref_scores = candidate_logprobs(ref_model, prompt_ids, candidate_ids, pad_id, length_normalize)
-        scored["ref_logprobs"] = pad_rows([policy_logprobs(s, temperature) for s in ref_scores])
-    return scored
+    gradient). `model` is a lib.value_head.PolicyWithValue (wrapped or not); differentiable through it.
+
+    With `trunk_layers` (a reference sharing that many layers, lib/trunk.py): acting (no `trunks`, no gradient), both
+    read one trunk and `trunks` comes back with the states kept; updating, the kept `trunks` of the states are where
+    the forwards start."""
+    kept_trunks = None
+    if trunk_layers and trunks is None and ref_model is not None and not torch.is_grad_enabled():
+        shared = candidate_logprobs_shared(model.policy, ref_model, trunk_layers, prompt_ids, candidate_ids, pad_id,
+                                           length_normalize, model.value_head)
+        scores, values, ref_scores, kept_trunks = shared["scores"], shared["values"], shared["ref_scores"], shared["trunks"]
+    else:
+        kept = {} if trunks is None else {"trunks": trunks, "trunk_layers": trunk_layers}
+        scores, values = model(candidates={"prompt_ids": prompt_ids, "candidate_ids": candidate_ids, "pad_id": pad_id,
+                                           "length_normalize": length_normalize, **kept})
+        ref_scores = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_scores = (candidate_logprobs(ref_model, prompt_ids, candidate_ids, pad_id, length_normalize)
+                              if trunks is None else candidate_logprobs_packed(ref_model, prompt_ids, candidate_ids,
+                                                                               pad_id, length_normalize, **kept))
+    return {"logprobs": pad_rows([policy_logprobs(s, temperature) for s in scores]),
+            "mask": pad_rows([torch.ones(len(s), dtype=torch.bool, device=s.device) for s in scores]),
+            "values": None if values is None else values.float(),
+            "ref_logprobs": None if ref_scores is None else pad_rows([policy_logprobs(s, temperature) for s in ref_scores]),
+            "trunks": kept_trunks}
 
 
 def pad_rows(rows: list[torch.Tensor]) -> torch.Tensor:

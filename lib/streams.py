@@ -38,8 +38,9 @@ from transformers.generation.logits_process import (
 
 from lib.generation import GenerationConfig, ends_reply, stop_token_ids
 from lib.losses import logprobs_from_logits
+from lib.models import cache_argument
 from lib.prompts import PromptConfig, Turn, answer_text, build_prompt, clean_observation, current_message, render
-from lib.scoring import cache_argument
+from lib.trunk import top_hidden, trunk_hidden
 
 CONTEXTS = ("window", "episode")
 _MESSAGE = "<<message-7f3a>>"
@@ -169,35 +170,68 @@ class StreamCache:
         `blocks`: 0 for the stream's tokens (first), k > 0 for candidate k's (after them). With `keep` the stream's
         tokens stay in the cache; candidates and every token of a peek (keep False) are dropped."""
         blocks = blocks or [0] * len(new_ids)
+        inputs = self._inputs(lm, row, blocks, explicit_mask=blocks.count(0) < len(blocks))
+        cache = self._cache(row, lm.config)
+        decoder = lm.get_decoder()
+        output = decoder(input_ids=torch.tensor([new_ids], device=inputs["position_ids"].device), use_cache=True,
+                         **inputs, **{cache_argument(decoder): cache})
+        self._keep(row, cache, blocks.count(0) if keep else 0)
+        return output.last_hidden_state[0]
+
+    def forward_shared(self, policy, reference, reference_cache: "StreamCache", layers: int, row: int,
+                       new_ids: list[int], blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`forward` (keep True) of the policy on this cache and of a reference sharing its first `layers` layers
+        (lib/trunk.py) on `reference_cache`, running that trunk once: (trunk states, policy's and reference's last
+        hidden states), each (Q, H). The reference's cache holds its top layers only."""
+        inputs = self._inputs(policy, row, blocks, explicit_mask=True)  # a partial cache knows no past length
+        caches = [self._cache(row, policy.config), reference_cache._cache(row, reference.config)]
+        trunk = trunk_hidden(policy, layers, torch.tensor([new_ids], device=inputs["position_ids"].device),
+                             cache=caches[0], **inputs)
+        hidden = [top_hidden(model, layers, trunk, cache=cache, **inputs)[0]
+                  for model, cache in zip((policy, reference), caches)]
+        for owner, cache in zip((self, reference_cache), caches):
+            owner._keep(row, cache, blocks.count(0))
+        return trunk[0], hidden[0], hidden[1]
+
+    def _inputs(self, lm, row: int, blocks: list[int], explicit_mask: bool) -> dict:
+        """Positions (1, Q) of the new tokens, and their additive mask over cache + new tokens when `explicit_mask`
+        (else None: the stream's tokens alone are causal, the decoder's own mask)."""
         main = blocks.count(0)
         if blocks[:main] != [0] * main:
             raise ValueError("a cached forward takes the stream's tokens first, then the candidates")
-        device = next(lm.parameters()).device
-        dtype = next(lm.parameters()).dtype
+        device, dtype = next(lm.parameters()).device, next(lm.parameters()).dtype
         past = self.lengths[row]
-        positions = torch.tensor([layout(blocks, past)], device=device)
-        mask = None  # the stream's tokens alone: causal, the decoder's own mask
-        if main < len(blocks):
+        mask = None
+        if explicit_mask:
             seen = visibility(torch.tensor([blocks]), torch.ones(1, len(blocks), dtype=torch.bool))
             allowed = torch.cat([torch.ones(1, len(blocks), past, dtype=torch.bool), seen], dim=2)
             mask = additive_mask(allowed, dtype).to(device)
-        decoder = lm.get_decoder()
-        cache = DynamicCache(self.rows[row]) if self.rows[row] is not None else DynamicCache(config=lm.config)
-        output = decoder(input_ids=torch.tensor([new_ids], device=device), attention_mask=mask, position_ids=positions,
-                         use_cache=True, **{cache_argument(decoder): cache})
-        kept = past + (main if keep else 0)
-        self.rows[row] = [(layer.keys[:, :, :kept], layer.values[:, :, :kept]) for layer in cache.layers] if kept else None
+        return {"position_ids": torch.tensor([layout(blocks, past)], device=device), "attention_mask": mask}
+
+    def _cache(self, row: int, config) -> DynamicCache:
+        return DynamicCache(self.rows[row]) if self.rows[row] is not None else DynamicCache(config=config)
+
+    def _keep(self, row: int, cache: DynamicCache, new: int) -> None:
+        """Keep the cache's first past + `new` tokens (the stream's; a layer another model runs stays empty)."""
+        kept = self.lengths[row] + new
+        self.rows[row] = [(layer.keys[:, :, :kept], layer.values[:, :, :kept]) if layer.is_initialized else (None, None)
+                          for layer in cache.layers] if kept else None
         self.lengths[row] = kept
-        return output.last_hidden_state[0]
 
 
 def candidate_turn(lm, cache: StreamCache, pending: list[list[int]], candidate_ids: list[list[list[int]] | None], *,
-                   length_normalize: bool, value_head=None):
+                   length_normalize: bool, value_head=None, shared: tuple | None = None):
     """Score mode's forward for one turn of each slot with candidates (others: None): its pending stream tokens
     (kept), then its candidates (dropped). Returns per slot its candidates' scores (K,) (None for the others) and
-    per slot the value at its last pending token (None without value_head, or for slots without candidates)."""
+    per slot the value at its last pending token (None without value_head, or for slots without candidates).
+
+    `shared` = (reference, its StreamCache, layers): a reference sharing the first `layers` layers (lib/trunk.py)
+    reads the same trunk, and two more lists come back: per slot the reference's scores and the trunk states of
+    the forward's tokens (pending, then candidate after candidate)."""
     scores: list[torch.Tensor | None] = [None] * len(pending)
     values: list[torch.Tensor | None] = [None] * len(pending)
+    ref_scores: list[torch.Tensor | None] = [None] * len(pending)
+    trunks: list[torch.Tensor | None] = [None] * len(pending)
     for row, (ids, candidates) in enumerate(zip(pending, candidate_ids)):
         if candidates is None:
             continue
@@ -210,13 +244,20 @@ def candidate_turn(lm, cache: StreamCache, pending: list[list[int]], candidate_i
             lengths.append(len(answer))
             new_ids += answer
             blocks += [block] * len(answer)
-        hidden = cache.forward(lm, row, new_ids, blocks)
-        logits = lm.get_output_embeddings()(hidden[torch.tensor(sources, device=hidden.device)])
         read = {"targets": torch.tensor(targets), "lengths": lengths, "counts": [len(candidates)]}
+        if shared is None:
+            hidden = cache.forward(lm, row, new_ids, blocks)
+        else:
+            reference, reference_cache, layers = shared
+            trunks[row], hidden, ref_hidden = cache.forward_shared(lm, reference, reference_cache, layers, row,
+                                                                   new_ids, blocks)
+            ref_logits = reference.get_output_embeddings()(ref_hidden[torch.tensor(sources, device=ref_hidden.device)])
+            ref_scores[row] = candidate_scores(ref_logits, read, length_normalize)[0]
+        logits = lm.get_output_embeddings()(hidden[torch.tensor(sources, device=hidden.device)])
         scores[row] = candidate_scores(logits, read, length_normalize)[0]
         if value_head is not None:
             values[row] = value_head(hidden[len(ids) - 1])
-    return scores, values
+    return (scores, values) if shared is None else (scores, values, ref_scores, trunks)
 
 
 def generate_turn(lm, ref_lm, cache: StreamCache, ref_cache: StreamCache | None, pending: list[list[int]],
@@ -271,14 +312,16 @@ def generate_turn(lm, ref_lm, cache: StreamCache, ref_cache: StreamCache | None,
 
 
 def pack_stream_segments(segments: list[dict], pad_id: int) -> dict:
-    """The update's rows: one per stream, {turns: [{prompt_ids, response_ids, candidate_ids (score mode) or None}]},
-    laid out as the rollout read them (module docstring).
+    """The update's rows: one per stream, {turns: [{prompt_ids, response_ids, candidate_ids (score mode) or None,
+    and with kept trunk states (lib/trunk.py) trunk and chosen_index}]}, laid out as the rollout read them (module
+    docstring).
 
     Returns input_ids, position_ids (B, L), attention_mask (B, 1, L, L) additive (float32; cast by the caller) and
     where the outputs are read, as flat (row, position) pairs: `value_at` (N, 2), one per turn (the last token of
     its prompt); `logits_at` (M, 2) and `targets` (M,): every token the policy produced or scored, in turn order
     (generate: the response tokens; score: every candidate's tokens, candidate after candidate), and `lengths`: per
-    turn its response length (generate) or per candidate its length (score) with `counts` per turn."""
+    turn its response length (generate) or per candidate its length (score) with `counts` per turn; `trunks`:
+    per row its trunk states when every turn kept them, else None."""
     rows, all_blocks, value_at, logits_at, targets, lengths, counts = [], [], [], [], [], [], []
     for index, segment in enumerate(segments):
         row, blocks = [], []
@@ -306,6 +349,11 @@ def pack_stream_segments(segments: list[dict], pad_id: int) -> dict:
             blocks += [0] * len(turn["response_ids"])
         rows.append(row)
         all_blocks.append(blocks)
+    trunks = None
+    if all(turn.get("trunk") is not None for segment in segments for turn in segment["turns"]):
+        trunks = [stream_trunk(segment["turns"]) for segment in segments]
+        if [len(states) for states in trunks] != list(map(len, rows)):
+            raise ValueError("the kept trunk states do not match the streams' tokens")
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -324,18 +372,37 @@ def pack_stream_segments(segments: list[dict], pad_id: int) -> dict:
         "lengths": lengths,
         "counts": counts,
         "tokens": sum(map(len, rows)),
+        "trunks": trunks,
     }
 
 
-def stream_outputs(lm, packed: dict, value_head=None, values_at: str = "value_at"):
+def stream_trunk(turns: list[dict]) -> torch.Tensor:
+    """A stream's trunk states in its packed row's order, from its score-mode turns' kept ones. A turn's forward
+    read the stream's pending tokens (the previous turn's chosen answer, then the segment) and its candidate blocks:
+    one after another they are the row but for the last turn's answer, never read on the stream; a candidate block
+    sees what that answer on the stream sees, at the same positions, so the chosen block's states stand in."""
+    last = turns[-1]
+    lengths = list(map(len, last["candidate_ids"]))
+    start = len(last["trunk"]) - sum(lengths) + sum(lengths[: last["chosen_index"]])
+    answer = last["trunk"][start : start + lengths[last["chosen_index"]]]
+    return torch.cat([turn["trunk"] for turn in turns] + [answer])
+
+
+def stream_outputs(lm, packed: dict, value_head=None, values_at: str = "value_at", trunk_layers: int = 0):
     """(logits (M, V) at packed['logits_at'], values at packed[values_at] or None) from one decoder forward of the
     packed rows; differentiable. Score mode reads a value per turn (`value_at`), generate mode one per response
-    token (`logits_at`: the positions predicting them)."""
+    token (`logits_at`: the positions predicting them). With `trunk_layers`, the forward starts from the rows' kept
+    trunk states (packed['trunks']) at that layer."""
     device = next(lm.parameters()).device
     dtype = next(lm.parameters()).dtype
-    decoder = lm.get_decoder()
-    hidden = decoder(input_ids=packed["input_ids"].to(device), attention_mask=packed["attention_mask"].to(device, dtype),
-                     position_ids=packed["position_ids"].to(device), use_cache=False).last_hidden_state
+    inputs = {"attention_mask": packed["attention_mask"].to(device, dtype),
+              "position_ids": packed["position_ids"].to(device)}
+    if trunk_layers:
+        trunks = torch.nn.utils.rnn.pad_sequence([states.to(device, dtype) for states in packed["trunks"]],
+                                                 batch_first=True)
+        hidden = top_hidden(lm, trunk_layers, trunks, **inputs)
+    else:
+        hidden = lm.get_decoder()(input_ids=packed["input_ids"].to(device), use_cache=False, **inputs).last_hidden_state
     at = packed["logits_at"].to(device)
     logits = lm.get_output_embeddings()(hidden[at[:, 0], at[:, 1]])
     if value_head is None:

@@ -108,20 +108,24 @@ class PolicyWithValue(nn.Module):
         candidates: dict | None = None,
         stream: dict | None = None,
         values_at: str = "value_at",
+        trunk_layers: int = 0,
     ):
         """(logits (B, end - start, V), values (B, end - start)) at positions start..end-1 of the sequences.
 
-        Episode context passes only `stream` (packed rows) and gets lib.streams.stream_outputs's logits and values.
+        Episode context passes only `stream` (packed rows; `trunk_layers`: start from their kept trunk states) and
+        gets lib.streams.stream_outputs's logits and values.
         Score mode passes only `candidates`, the keyword arguments of lib.scoring.candidate_logprobs (prompt_ids,
         candidate_ids, pad_id, length_normalize), and gets (scores per state, values (S,)). It enters through this
         forward so that DDP and DeepSpeed wrappers see the call (ZeRO-3 gathers the weights in it).
         """
         if stream is not None:  # --context episode: packed stream segments (lib.streams.pack_stream_segments)
-            return stream_outputs(self.policy, stream, self.value_head, values_at)
+            return stream_outputs(self.policy, stream, self.value_head, values_at, trunk_layers)
         if candidates is not None:
             # With gradient (the update) one packed row per state: backward keeps each prompt's keys and values once,
             # not once per candidate as the cached way's copies would (several GB); acting uses the faster cached way.
-            score = candidate_logprobs_packed if torch.is_grad_enabled() else candidate_logprobs
+            # Kept trunk states (lib/trunk.py) are laid out for the packed row.
+            packed = torch.is_grad_enabled() or "trunks" in candidates
+            score = candidate_logprobs_packed if packed else candidate_logprobs
             if self.value_head is None:
                 return score(self.policy, **candidates), None
             return score(self.policy, **candidates, value_head=self.value_head)

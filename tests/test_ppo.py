@@ -323,6 +323,29 @@ def test_end_to_end_score_mode(tiny_model_path, tiny_games, tmp_path):
     assert json.loads((output / "training_args.json").read_text())["action_mode"] == "score"
 
 
+@pytest.mark.parametrize("context", ["window", "episode"])
+def test_the_shared_trunk_trains_the_same_policy(context, tiny_model_path, tiny_games, tmp_path):
+    """Score mode with the reference on the policy's trunk and the update from the kept trunk states (the default)
+    plays the same turns and ends with the same weights as two whole models (--share_trunk false)."""
+    outputs = {}
+    for shared in (True, False):
+        outputs[shared] = tmp_path / f"shared-{shared}"
+        run_script(tiny_run_args(tiny_model_path, tiny_games, outputs[shared], num_iterations=2, action_mode="score",
+                                 max_candidates=3, length_normalize=True, temperature=4, kl_loss_coef=0.1,
+                                 eval_episodes=0, report_to="none", context=context, max_context_tokens=600,
+                                 share_trunk=shared))
+    rollouts = [load_rollouts(outputs[shared]) for shared in (True, False)]
+    assert rollouts[0]["command"] == rollouts[1]["command"]
+    for column in ("logprob", "kl", "value", "advantage"):
+        torch.testing.assert_close(torch.tensor(rollouts[0][column]), torch.tensor(rollouts[1][column]), atol=1e-4,
+                                   rtol=1e-4)
+    weights = [load_model(str(outputs[shared])).state_dict() for shared in (True, False)]
+    start = load_model(tiny_model_path).state_dict()
+    assert any(not torch.equal(tensor, start[name]) for name, tensor in weights[0].items())  # it trained
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(tensor, weights[1][name], atol=1e-4, rtol=1e-4)
+
+
 def test_two_process_deepspeed_zero2_on_cpu_score_mode(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "ppo"
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/cpu_zero2.yaml")
