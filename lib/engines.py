@@ -14,9 +14,9 @@ alike (`engine_of` tells which engine plays it):
   - `sciworld:TASK:VARIATION[:SIMPLIFICATIONS]` for a ScienceWorld task variation, e.g. `sciworld:boil:14:easy`.
 
 Scores. TextWorld's are the game's points, max_score its total. TextWorldExpress reports progress as a fraction of the
-task (0 to 1) and ScienceWorld as points out of 100, with -100 for a failed task: both are given as the fraction of
-the task done (max_score 1), a failed task scoring 0 and `lost`, so that the failing step's reward takes back the
-progress made. Every engine's rewards are then on the scale of TextWorld's one-point coin games.
+task (0 to 1, -1 for a failed task) and ScienceWorld as points out of 100 (-100 for a failed task): both are given as
+the fraction of the task done (max_score 1), a failed task scoring 0 and `lost`, so that the failing step's reward
+takes back the progress made. Every engine's rewards are then on the scale of TextWorld's one-point coin games.
 
 The walkthrough is TextWorld's stored walkthrough, or the gold path that TextWorldExpress and ScienceWorld generate.
 Admissible commands come sorted and without duplicates from every engine (TextWorldExpress can list one twice).
@@ -111,7 +111,8 @@ def missing_requirement(engine: str) -> str | None:
     if importlib.util.find_spec(module) is None:
         return f"`pip install {requirement}` (or `pip install -r requirements.txt`)"
     if shutil.which("java") is None:
-        return f"{JAVA_INSTALL}: the {requirement.split('==')[0]} package runs its games on it, and `java` is not on PATH"
+        package = requirement.split("==")[0]
+        return f"{JAVA_INSTALL}: the {package} package runs its games on it, and `java` is not on PATH"
     return None
 
 
@@ -195,7 +196,7 @@ class ExpressEngine:
 
     def _pack(self, observation: str, infos: dict) -> dict:
         won, lost = bool(infos["tasksuccess"]), bool(infos["taskfailure"])
-        return pack(observation, float(infos["score"]), 1.0, int(infos["numMoves"]), won, lost,
+        return pack(observation, max(float(infos["score"]), 0.0), 1.0, int(infos["numMoves"]), won, lost,
                     list(infos["validActions"]), infos["taskDescription"], infos["inventory"], self.walkthrough,
                     won or lost or infos["score"] >= 1.0)
 

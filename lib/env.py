@@ -22,8 +22,8 @@ games, seed and group size restarts each game and replays those commands, which 
 exactly where it was: a resumed training run then continues the episodes of the interrupted one.
 
 A game that fails while playing (its process dies or hangs, its engine raises, or TextWorld's emulator reports a
-runtime error) is a crash: the step's result says `crashed`, the episode is truncated there, a fresh process replaces the
-old one and the slot moves on; each crashing game is reported once, in one warning line. A game that fails to start
+runtime error) is a crash: the step's result says `crashed`, the episode is truncated there, a fresh process replaces
+the old one and the slot moves on; each crashing game is reported once, in one warning line. A game that fails to start
 raises GameProcessError, naming it; `start_failures` starts each game of a list once, to check them up front.
 
 Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each

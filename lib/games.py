@@ -72,8 +72,8 @@ GAME_KINDS = {
 }
 EXPRESS_KIND, SCIENCE_KIND = "twx-", "sciworld-"  # a spec's kind: twx-GAME, sciworld-TASK
 ENGINE_NAMES = {"twx": "TextWorldExpress", "sciworld": "ScienceWorld"}
-KINDS_HELP = (f"{', '.join(GAME_KINDS)}, twx-GAME (GAME: {', '.join(EXPRESS_OPTIONS)}) or sciworld-TASK (a ScienceWorld "
-              "task, e.g. sciworld-boil)")
+KINDS_HELP = (f"{', '.join(GAME_KINDS)}, twx-GAME (GAME: {', '.join(EXPRESS_OPTIONS)}) or sciworld-TASK "
+              "(a ScienceWorld task, e.g. sciworld-boil)")
 # tw-simple needs both options; the others have tw-make defaults.
 REQUIRED_DEFAULTS = {"tw-simple": {"rewards": "dense", "goal": "detailed"}}
 
