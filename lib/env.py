@@ -43,6 +43,9 @@ from lib.engines import ENGINE_CLASSES, engine_of
 from lib.prompts import clean_inventory, clean_observation
 
 STEP_TIMEOUT_S = 60.0
+# A reset may load its game first, which takes longer than a step: ScienceWorld's first load of a task on a fresh JVM
+# took 20-70 s on this 2-core machine while other jobs held it (load average 13).
+RESET_TIMEOUT_S = 300.0
 
 
 class GameProcessError(RuntimeError):
@@ -203,7 +206,7 @@ def _close_all(workers: list[_Worker]) -> None:
         worker.kill()
 
 
-def start_failures(games: list[str], timeout: float = STEP_TIMEOUT_S) -> dict[str, str]:
+def start_failures(games: list[str], timeout: float = RESET_TIMEOUT_S) -> dict[str, str]:
     """Start every game and look around once (a reset and a `look` on a worker process, a few games in parallel):
     {game: why it failed, one line} for the games that fail, empty when all play."""
     context = _context()
@@ -229,7 +232,7 @@ def start_failures(games: list[str], timeout: float = STEP_TIMEOUT_S) -> dict[st
 
 
 class BatchEnv:
-    """B games (of any engine, mixed as the list is) in parallel processes with auto-reset, step limits and crash recovery.
+    """B games of any engines in parallel processes with auto-reset, step limits and crash recovery.
 
     `games` is split by `rank` over `world_size` processes of a distributed run. `reset()` returns the first states;
     `step(commands)` takes one command per slot and returns one StepResult (or None) per slot; `states` is then what
@@ -324,14 +327,15 @@ class BatchEnv:
             self._workers[slot].send("reset", self._assigned[slot][1])
         for slot in pending:
             game = self._assigned[slot][1]
-            packed = self._workers[slot].receive(self.step_timeout)
+            reset_timeout = max(self.step_timeout, RESET_TIMEOUT_S)
+            packed = self._workers[slot].receive(reset_timeout)
             while packed is None:  # a game that cannot even start on a fresh process is broken: raise then
                 self._workers[slot].restart()
                 self.restarts += 1
                 if self.restarts > 10 * self.num_envs:
                     raise GameProcessError(f"game {game} keeps crashing its process on reset")
                 self._workers[slot].send("reset", game)
-                packed = self._workers[slot].receive(self.step_timeout)
+                packed = self._workers[slot].receive(reset_timeout)
             if "error" in packed:  # the game itself fails to start: the same again on every try
                 raise GameProcessError(f"game {game} cannot start: {packed['error']}")
             self._states[slot] = self._state(slot, packed, 0)

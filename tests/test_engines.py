@@ -158,7 +158,7 @@ def test_sources_split_on_disjoint_seeds_and_scienceworld_folds(games_cache):
 @pytest.mark.parametrize("source, message", [
     ("twx-coins", "unknown TextWorldExpress game 'coins'.*known: coin, cookingworld, twc"),
     ("twx-coin:level=3", "unknown option 'level' for twx-coin.*options: n, numLocations"),
-    ("twx-coin:numLocations=50", "twx-coin:numLocations=50 does not start in TextWorldExpress.*less than or equal to 11"),
+    ("twx-coin:numLocations=50", "numLocations=50 does not start in TextWorldExpress.*less than or equal to 11"),
     ("sciworld-boiling", "unknown ScienceWorld task 'boiling'.*known: boil, melt"),
     ("sciworld-boil:simplify=hard", "unknown simplification 'hard'.*known: easy, teleportAction"),
 ])
