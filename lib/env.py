@@ -129,11 +129,11 @@ def _worker(conn) -> None:
         try:
             if request == "reset":
                 kind = engine_of(argument)
-                engine = None  # a game that fails to start leaves no engine to step
+                engine = None  # a game that fails to start leaves nothing to step
                 if kind not in engines:
                     engines[kind] = ENGINE_CLASSES[kind]()
+                answer = engines[kind].reset(argument)
                 engine = engines[kind]
-                answer = engine.reset(argument)
             else:
                 answer = engine.step(argument)
         except Exception as error:  # noqa: BLE001 - whatever the game raises is its failure, sent to the parent

@@ -179,9 +179,7 @@ def parse_spec(text: str) -> GameSpec:
 def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
     """`twx-GAME[:key=value]...` or `sciworld-TASK[:simplify=...]`, with `n=`, -> GameSpec."""
     engine = "twx" if kind.startswith(EXPRESS_KIND) else "sciworld"
-    missing = missing_requirement(engine)
-    if missing is not None:
-        raise GameError(f"{text!r} is a {ENGINE_NAMES[engine]} game, which needs {missing}")
+    _check_requirement(text, engine)
     name = kind.removeprefix(EXPRESS_KIND if engine == "twx" else SCIENCE_KIND)
     known = list(EXPRESS_OPTIONS) if engine == "twx" else science_tasks()
     if name not in known:
@@ -198,7 +196,8 @@ def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
         elif engine == "twx":
             options[key] = _parse_int(value, text, key, (0, 100_000))
         else:
-            unknown = [name for name in value.split("+") if name not in SCIENCE_SIMPLIFICATIONS]
+            unknown = [simplification for simplification in value.split("+")
+                       if simplification not in SCIENCE_SIMPLIFICATIONS]
             if unknown:
                 raise GameError(f"unknown simplification {unknown[0]!r} in {text!r}; known: "
                                 f"{', '.join(SCIENCE_SIMPLIFICATIONS)} (join several with +)")
@@ -206,6 +205,13 @@ def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
     if num is None:
         return GameSpec(kind, options)
     return GameSpec(kind, options, num_train=num, num_eval=num)
+
+
+def _check_requirement(text: str, engine: str) -> None:
+    """GameError unless `engine`'s package and Java are installed, naming what to install."""
+    missing = missing_requirement(engine)
+    if missing is not None:
+        raise GameError(f"{text!r} is a {ENGINE_NAMES[engine]} game, which needs {missing}")
 
 
 def is_engine_spec(spec: GameSpec) -> bool:
@@ -227,8 +233,10 @@ def engine_games(spec: GameSpec, split: str) -> list[str]:
 
 
 def check_engine_specs(specs: list[GameSpec]) -> None:
-    """Start the first game of each TextWorldExpress or ScienceWorld spec once per process (the engine checks the
-    options' values); raises GameError naming the spec and the engine's reason."""
+    """Check that each TextWorldExpress or ScienceWorld spec's engine is installed, then start its first game once per
+    process (the engine checks the options' values); raises GameError naming the spec and what is wrong."""
+    for spec in specs:
+        _check_requirement(spec.kind, "twx" if spec.kind.startswith(EXPRESS_KIND) else "sciworld")
     firsts = {}
     for spec in specs:
         game = engine_games(spec, "train")[0]
@@ -499,25 +507,24 @@ def resolve_games(source: str, split: str, cache_dir: Path | None = None, progre
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    items = [(item, _kind_of(item)) for item in _items(source)]
+    # The engines first: a missing Java or a bad option is said before any game is generated.
+    check_engine_specs([spec for item, kind in items for spec in _specs(item, kind) if is_engine_spec(spec)])
     games: list[str] = []
     files: list[Path] = []
-    engine_specs: list[GameSpec] = []
-    for item in _items(source):
-        kind = _kind_of(item)
+    for item, kind in items:
         if kind == "files":
             found = find_game_files(item)
             files += found
             games += [str(p) for p in found]
         for spec in _specs(item, kind):
             if is_engine_spec(spec):
-                engine_specs.append(spec)
                 games += engine_games(spec, split)
             else:
                 found = generate_games([spec], split, cache_dir, progress)
                 files += found
                 games += [str(p) for p in found]
     check_games_start(files, cache_dir)
-    check_engine_specs(engine_specs)
     return games
 
 

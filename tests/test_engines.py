@@ -169,8 +169,9 @@ def test_bad_engine_sources_name_what_exists(source, message):
 
 def test_missing_java_is_an_error_line_naming_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(engines.shutil, "which", lambda name: None)
-    with pytest.raises(GameError, match="needs Java 17 or newer.*openjdk-17"):
-        check_game_source("twx-coin")
+    for source in ("twx-coin", "sciworld-easy"):  # a spec, a named set
+        with pytest.raises(GameError, match="needs Java 17 or newer.*openjdk-17"):
+            check_game_source(source)
     # play.py says it in one line before anything starts: no `java` on an empty PATH.
     result = subprocess.run([sys.executable, "play.py", "--agent", "random", "--games", "sciworld-boil"], cwd=ROOT,
                             capture_output=True, text=True, env={**os.environ, "PATH": str(tmp_path)}, timeout=120)
