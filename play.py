@@ -1,7 +1,9 @@
-"""Play TextWorld games with an agent (random, the walkthrough, you, or a language model) and report how it did.
+"""Play text games (TextWorld, TextWorldExpress, ScienceWorld) with an agent (random, the walkthrough or gold path,
+you, or a language model) and report how it did.
 
     python play.py --agent random --games default --num_episodes 12
     python play.py --agent walkthrough --output_dir outputs/walkthrough
+    python play.py --agent random --games twx-coin:numLocations=5:n=4,sciworld-boil:n=2
     python play.py --agent human --games tiny
     python play.py --agent model --model_name_or_path outputs/ppo --output_dir outputs/eval
     python play.py --agent model --action_mode generate  # write commands instead of choosing admissible ones
@@ -103,8 +105,9 @@ class Args:
     agent: str = field(default="model", metadata={"help": f"who plays: one of {', '.join(AGENTS)}"})
     games: str = field(
         default="default",
-        metadata={"help": "named set (default, tiny, coin, ...), generator spec (tw-coin_collector:level=5:n=8), "
-                          "or game files / folders / globs, comma-joined"},
+        metadata={"help": "named set (default, tiny, coin, twx, sciworld-easy, ...), generator spec "
+                          "(tw-coin_collector:level=5:n=8, twx-coin:numLocations=5:n=8, sciworld-boil:n=4), or game "
+                          "files / folders / globs, comma-joined"},
     )
     split: str = field(default="eval", metadata={"help": "which split of a named set or spec: eval or train"})
     num_episodes: int | None = field(

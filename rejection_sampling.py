@@ -32,7 +32,7 @@ or inf loss or gradient is skipped with a warning; --max_nonfinite_updates in a 
 Outputs (output_dir): the final policy (save_pretrained) + tokenizer + README.md, ready for
 `play.py --agent model --model_name_or_path outputs/rejection_sampling`; checkpoints/checkpoint-R after every round
 (same, plus training_state/ for resuming and trainer_state.json); rollouts/round-NNNNN datasets, one row per played
-turn, kept or not (lib.rollout.load_rollouts(output_dir, prefix="round")): round, process, game, episode, turn,
+turn, kept or not (lib.rollout.load_rollouts(output_dir, prefix="round")): round, process, game, env, episode, turn,
 prompt, response, command, reward (reward_fn), return (the episode's return, or the turn's return-to-go), kl (of
 the turn, 0 without --rank_kl_coef), objective (the value ranked), rank (1 = best; a turn has its episode's rank
 when ranking episodes), kept, won (the episode was won); runs/ tracker logs.
@@ -79,7 +79,7 @@ RANK_BY = ("episode", "turn")
 DEFAULT_KEEP_TOP_PERCENT = 25.0
 ROUND_PREFIX = "round"
 # The dataset's columns after `round` (see the module docstring).
-ROW_COLUMNS = ("process", "game", "episode", "turn", "prompt", "response", "command", "reward", "return", "kl",
+ROW_COLUMNS = ("process", "game", "env", "episode", "turn", "prompt", "response", "command", "reward", "return", "kl",
                "objective", "rank", "kept", "won")
 # Seeds the shuffle of each round's fine-tuning pairs: the same on every process, which take slices of one order.
 SHUFFLE_SEED_STRIDE = 1_000_003

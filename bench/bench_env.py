@@ -3,12 +3,15 @@
     python bench/bench_env.py
     python bench/bench_env.py --steps 2000 --num_envs_many 32
     python bench/bench_env.py --profile          # cProfile of the parent's loop in the many-slot run
+    python bench/bench_env.py --games "default;twx;sciworld-easy"   # each engine's speed, one source after another
 
 Each setting first plays `warmup_steps_per_slot` steps in every slot, then times `steps` steps (a step = one command
 in one slot). The warm-up keeps start-up costs out of the timing: starting the worker processes, and each process's
 first load of a game kind (TextWorld parses the game's logic once per process, 0.2-1.5 s). The last line printed is
-one JSON object for scripts, with the ratio of the two speeds and the `goal` ratio. The env is CPU-bound (TextWorld's
-own command processing, mostly admissible-command generation), so the ratio cannot exceed the number of cores by much.
+one JSON object for scripts, with the ratio of the two speeds and the `goal` ratio (of the first source when --games
+lists several, separated by `;`: `sources` then holds every source's speeds and engines). The env is CPU-bound
+(TextWorld's own command processing, mostly admissible-command generation; the Java engines' simulation), so the ratio
+cannot exceed the number of cores by much.
 """
 
 import contextlib
@@ -27,6 +30,7 @@ from transformers import HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib.agents import RandomAgent  # noqa: E402
+from lib.engines import engine_of  # noqa: E402
 from lib.env import BatchEnv  # noqa: E402
 from lib.games import default_cache_dir, resolve_games  # noqa: E402
 
@@ -35,7 +39,9 @@ PROFILE_LINES = 25
 
 @dataclass
 class Args:
-    games: str = field(default="default", metadata={"help": "game source (see lib/games.py)"})
+    games: str = field(
+        default="default", metadata={"help": "game source (see lib/games.py); several separated by ';' are timed apart"}
+    )
     split: str = field(default="eval", metadata={"help": "split of the game source: eval or train"})
     steps: int = field(default=800, metadata={"help": "env steps timed per setting"})
     warmup_steps_per_slot: int = field(
@@ -86,22 +92,28 @@ def main() -> None:
         if getattr(args, flag) < (0 if flag == "warmup_steps_per_slot" else 1):
             print(f"error: --{flag} is too small: {getattr(args, flag)}", file=sys.stderr)
             sys.exit(2)
-    games = resolve_games(args.games, args.split, args.games_dir)
-    speeds = {}
-    for num_envs in (1, args.num_envs_many):
-        speeds[num_envs], profile = measure(games, num_envs, args, args.profile and num_envs > 1)
-        print(f"{num_envs:3d} slot(s) on {len(games)} games: {speeds[num_envs]:7.1f} env steps/s "
-              f"({args.steps} steps after {args.warmup_steps_per_slot} warm-up steps per slot)")
-        if profile:
-            print(profile)
-    many = speeds[args.num_envs_many]
+    sources = {}
+    for source in [part.strip() for part in args.games.split(";") if part.strip()]:
+        games = resolve_games(source, args.split, args.games_dir)
+        engines = sorted({engine_of(game) for game in games})
+        speeds = {}
+        for num_envs in (1, args.num_envs_many):
+            speeds[num_envs], profile = measure(games, num_envs, args, args.profile and num_envs > 1)
+            print(f"{source} ({', '.join(engines)}): {num_envs:3d} slot(s) on {len(games)} games: "
+                  f"{speeds[num_envs]:7.1f} env steps/s ({args.steps} steps after {args.warmup_steps_per_slot} "
+                  "warm-up steps per slot)")
+            if profile:
+                print(profile)
+        sources[source] = {"engines": engines, "steps_per_s_1": round(speeds[1], 2),
+                           f"steps_per_s_{args.num_envs_many}": round(speeds[args.num_envs_many], 2),
+                           "ratio": round(speeds[args.num_envs_many] / speeds[1], 2)}
+    first = next(iter(sources.values()))
     print(json.dumps({
         "bench": "env",
-        "steps_per_s_1": round(speeds[1], 2),
-        f"steps_per_s_{args.num_envs_many}": round(many, 2),
-        "ratio": round(many / speeds[1], 2),
+        **{key: value for key, value in first.items() if key != "engines"},
         "goal": args.goal,
         "cpu_count": os.cpu_count(),
+        **({"sources": sources} if len(sources) > 1 else {}),
     }))
 
 

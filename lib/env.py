@@ -1,4 +1,9 @@
-"""The batched TextWorld environment: B games stepping in parallel, one worker process each.
+"""The batched game environment: B games stepping in parallel, one worker process each.
+
+A game is a TextWorld story file, a TextWorldExpress game or a ScienceWorld task variation, each named by one string
+(lib.engines): a worker plays whichever engine its game needs, behind one protocol, so that nothing here or above
+knows which engine answered. One process per slot rather than an engine's own batching: TextWorld has none that
+resets slots alone, and the Java engines run one game per JVM (each worker starts its own, once).
 
 Each slot plays a sequence of episodes. Episode k of this process plays game `order[k % len(games)]` (the game list
 reshuffled by the seed every pass when `shuffle`), handed to slots (to groups, below) in slot order as they finish,
@@ -16,9 +21,9 @@ the commands it has sent so far; a waiting slot has neither); `load_state_dict` 
 games, seed and group size restarts each game and replays those commands, which puts a deterministic game back
 exactly where it was: a resumed training run then continues the episodes of the interrupted one.
 
-A game that fails while playing (its process dies or hangs, TextWorld raises, or the emulator reports a runtime
-error) is a crash: the step's result says `crashed`, the episode is truncated there, a fresh process replaces the
-old one and the slot moves on; each crashing game is reported once, in one warning line. A game that fails to start
+A game that fails while playing (its process dies or hangs, its engine raises, or TextWorld's emulator reports a
+runtime error) is a crash: the step's result says `crashed`, the episode is truncated there, a fresh process replaces
+the old one and the slot moves on; each crashing game is reported once, in one warning line. A game that fails to start
 raises GameProcessError, naming it; `start_failures` starts each game of a list once, to check them up front.
 
 Why our own processes rather than TextWorld's AsyncBatchEnv: it resets all games together, while RL wants each
@@ -34,12 +39,13 @@ import sys
 import types
 from dataclasses import dataclass
 
+from lib.engines import ENGINE_CLASSES, engine_of
 from lib.prompts import clean_inventory, clean_observation
 
 STEP_TIMEOUT_S = 60.0
-# What the Z-machine emulator (Jericho's frotz) answers instead of the game's text once the story file breaks down
-# at run time, e.g. a file damaged past its header: the game is no longer being played.
-EMULATOR_FAILURES = ("Emulator halted due to runtime error.", "This is normally fatal.", "Fatal error:")
+# A reset may load its game first, which takes longer than a step: ScienceWorld's first load of a task on a fresh JVM
+# took 20-70 s on this 2-core machine while other jobs held it (load average 13).
+RESET_TIMEOUT_S = 300.0
 
 
 class GameProcessError(RuntimeError):
@@ -53,8 +59,8 @@ class GameState:
     game: str
     episode: int
     observation: str
-    score: int
-    max_score: int
+    score: float  # TextWorld's points; the fraction of the task done for the other engines (lib.engines)
+    max_score: float
     moves: int
     won: bool
     lost: bool
@@ -89,7 +95,7 @@ class StepResult:
     state: GameState  # right after the command: the final state when the episode ended
     # The state to act on next: a new episode's after an auto-reset, None when idle or waiting for its group.
     next_state: GameState | None
-    crashed: bool = False  # the game's process died or hung, or the game failed (EMULATOR_FAILURES): truncated here
+    crashed: bool = False  # the game's process died or hung, or its engine failed (lib.engines): truncated here
     invalid: bool = False  # the command was not among the admissible ones
 
     @property
@@ -97,53 +103,13 @@ class StepResult:
         return self.terminated or self.truncated
 
 
-def _env_infos():
-    from textworld import EnvInfos
-
-    return EnvInfos(
-        admissible_commands=True,
-        objective=True,
-        inventory=True,
-        max_score=True,
-        score=True,
-        moves=True,
-        won=True,
-        lost=True,
-        extras=["walkthrough"],
-    )
-
-
-def _pack(game_state, done: bool) -> dict:
-    return {
-        "observation": game_state.feedback or "",
-        "score": int(game_state["score"] or 0),
-        "max_score": int(game_state["max_score"] or 0),
-        "moves": int(game_state["moves"] or 0),
-        "won": bool(game_state["won"]),
-        "lost": bool(game_state["lost"]),
-        "admissible_commands": list(game_state["admissible_commands"] or []),
-        "objective": game_state["objective"] or "",
-        "inventory": game_state["inventory"] or "",
-        "walkthrough": game_state.get("extra.walkthrough"),
-        "done": bool(done),
-    }
-
-
-def emulator_failure(observation: str) -> str | None:
-    """The line of `observation` where the emulator reports it broke down (EMULATOR_FAILURES), else None."""
-    for line in observation.splitlines():
-        if any(failure in line for failure in EMULATOR_FAILURES):
-            return line.strip()
-    return None
-
-
 def _one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())}"
 
 
 def _worker(conn) -> None:
-    """Serve ('reset', path) and ('step', command) requests for one game at a time until ('close', None) or until
-    the parent is gone.
+    """Serve ('reset', game) and ('step', command) requests for one game at a time until ('close', None) or until
+    the parent is gone; each engine (lib.engines) starts on the first game it plays and stays for the next ones.
 
     A request the game cannot answer (it does not load, raises, or its emulator breaks down) is answered with
     {'error': one line}: the parent decides what it means and reports it once, instead of every worker dying with a
@@ -152,10 +118,7 @@ def _worker(conn) -> None:
     # Ctrl-C in a terminal reaches the whole process group: the parent stops its games itself (close(), or the
     # termination of daemonic children at its exit), so a worker must not die with a traceback of its own.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import textworld
-
-    env, loaded = None, None
-    infos = _env_infos()
+    engines, engine = {}, None
     while True:
         try:
             request, argument = conn.recv()
@@ -165,23 +128,19 @@ def _worker(conn) -> None:
             break
         try:
             if request == "reset":
-                if argument != loaded:
-                    if env is not None:
-                        env.close()
-                    env, loaded = None, None  # a game that fails to load leaves nothing loaded
-                    env, loaded = textworld.start(argument, infos), argument
-                answer = _pack(env.reset(), False)
+                kind = engine_of(argument)
+                engine = None  # a game that fails to start leaves nothing to step
+                if kind not in engines:
+                    engines[kind] = ENGINE_CLASSES[kind]()
+                answer = engines[kind].reset(argument)
+                engine = engines[kind]
             else:
-                game_state, _, done = env.step(argument)
-                answer = _pack(game_state, done)
-            failure = emulator_failure(answer["observation"])
-            if failure is not None:
-                answer = {"error": f"the Z-machine emulator failed: {failure}"}
+                answer = engine.step(argument)
         except Exception as error:  # noqa: BLE001 - whatever the game raises is its failure, sent to the parent
             answer = {"error": _one_line(error)}
         conn.send(answer)
-    if env is not None:
-        env.close()
+    for engine in engines.values():
+        engine.close()
     conn.close()
 
 
@@ -247,7 +206,7 @@ def _close_all(workers: list[_Worker]) -> None:
         worker.kill()
 
 
-def start_failures(games: list[str], timeout: float = STEP_TIMEOUT_S) -> dict[str, str]:
+def start_failures(games: list[str], timeout: float = RESET_TIMEOUT_S) -> dict[str, str]:
     """Start every game and look around once (a reset and a `look` on a worker process, a few games in parallel):
     {game: why it failed, one line} for the games that fail, empty when all play."""
     context = _context()
@@ -273,7 +232,7 @@ def start_failures(games: list[str], timeout: float = STEP_TIMEOUT_S) -> dict[st
 
 
 class BatchEnv:
-    """B TextWorld games in parallel processes with auto-reset, step limits and crash recovery.
+    """B games of any engines in parallel processes with auto-reset, step limits and crash recovery.
 
     `games` is split by `rank` over `world_size` processes of a distributed run. `reset()` returns the first states;
     `step(commands)` takes one command per slot and returns one StepResult (or None) per slot; `states` is then what
@@ -368,14 +327,15 @@ class BatchEnv:
             self._workers[slot].send("reset", self._assigned[slot][1])
         for slot in pending:
             game = self._assigned[slot][1]
-            packed = self._workers[slot].receive(self.step_timeout)
+            reset_timeout = max(self.step_timeout, RESET_TIMEOUT_S)
+            packed = self._workers[slot].receive(reset_timeout)
             while packed is None:  # a game that cannot even start on a fresh process is broken: raise then
                 self._workers[slot].restart()
                 self.restarts += 1
                 if self.restarts > 10 * self.num_envs:
                     raise GameProcessError(f"game {game} keeps crashing its process on reset")
                 self._workers[slot].send("reset", game)
-                packed = self._workers[slot].receive(self.step_timeout)
+                packed = self._workers[slot].receive(reset_timeout)
             if "error" in packed:  # the game itself fails to start: the same again on every try
                 raise GameProcessError(f"game {game} cannot start: {packed['error']}")
             self._states[slot] = self._state(slot, packed, 0)

@@ -13,7 +13,7 @@ A crashed episode (its game's process died or hung, or the game failed: lib.env'
 about the agent: it is counted under `crashed` and left out of `episodes` and of every metric, rather than counted
 as an episode played to a 0% score. The table shows a `crashed` column when there is one.
 
-Transcripts: one dict per turn with game, episode (global number), turn (1 = the episode's first command), prompt (the
+Transcripts: one dict per turn with game, env (its engine: textworld, twx or sciworld), episode (global number), turn (1 = the episode's first command), prompt (the
 prompt text; the cleaned observation for agents that read no prompts), response (the agent's raw text), command,
 observation (the game's raw answer), reward, score, max_score, done, won, invalid, then the agent's own columns
 (`Agent.transcript_columns`: the scoring agent's candidates and chosen_index).
@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from lib.agents import Agent, SessionEnded
+from lib.engines import engine_of
 from lib.env import BatchEnv
 from lib.games import game_name
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation
@@ -42,7 +43,7 @@ class EvalResult:
     transcripts: list[dict]  # one dict per turn, see the module docstring
 
 
-def episode_record(game: str, score: int, max_score: int, won: bool, steps: int, invalid: int,
+def episode_record(game: str, score: float, max_score: float, won: bool, steps: int, invalid: int,
                    crashed: bool = False) -> dict:
     return {"game": game, "score": score, "max_score": max_score, "won": won, "steps": steps, "invalid": invalid,
             "crashed": crashed}
@@ -232,6 +233,7 @@ def evaluate(
                 invalid[slot] += result.invalid
                 transcripts.append({
                     "game": game_name(after.game),
+                    "env": engine_of(after.game),
                     "episode": episode_ids[after.episode],
                     "turn": after.steps,
                     "prompt": prompts[slot],
@@ -239,8 +241,8 @@ def evaluate(
                     "command": result.command,
                     "observation": after.observation,
                     "reward": result.reward,
-                    "score": after.score,
-                    "max_score": after.max_score,
+                    "score": float(after.score),
+                    "max_score": float(after.max_score),
                     "done": result.done,
                     "won": after.won,
                     "invalid": result.invalid,

@@ -1,10 +1,20 @@
-"""Game files: generating TextWorld games offline, caching them, named game sets, checking existing files.
+"""Games: generating TextWorld games offline, caching them, TextWorldExpress and ScienceWorld games, named game sets,
+checking existing files.
 
 A game source (the `--train_games` / `--eval_games` flags) is one of:
-  - a named set, e.g. `default`, `coin`, `treasure`, `cooking`, `hard` (see GAME_SETS); the train and eval
-    splits of a set use disjoint generator seeds;
+  - a named set, e.g. `default`, `coin`, `treasure`, `cooking`, `hard`, `twx`, `sciworld-easy` (see GAME_SETS);
+    the train and eval splits of a set never share a game;
   - a generator spec `KIND[:key=value]...`, e.g. `tw-coin_collector:level=5:n=8` (n = number of games);
+  - a TextWorldExpress spec `twx-GAME[:key=value]...`, e.g. `twx-coin:numLocations=5:n=16`, GAME one of
+    lib.engines.EXPRESS_OPTIONS with that game's options: the train split plays seeds 0..n-1 of the engine's train
+    fold, the eval split seeds EVAL_SEED_OFFSET.. of its dev fold;
+  - a ScienceWorld spec `sciworld-TASK[:simplify=NAME[+NAME]...]`, e.g. `sciworld-boil:simplify=easy:n=4`: the
+    train split plays the task's first n train variations, the eval split its first n dev variations (ScienceWorld's
+    own folds; fewer when the task has fewer);
   - existing game files: a `.z8` / `.ulx` path, a folder of them, or a glob; several joined by commas.
+TextWorldExpress and ScienceWorld games are not files but game strings (lib.engines); their specs need the engine's
+package and Java, and a spec's first game is started once per process to check its options (the engine checks their
+ranges).
 
 Generated games are cached under `cache_dir/KIND/OPTIONS/seed-N.z8`, so a rerun with the same settings reuses them.
 Every game a source resolves to is started once for real (see check_games_start) before anything uses it; the games
@@ -26,6 +36,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from lib.engines import (
+    EXPRESS_OPTIONS,
+    SCIENCE_SIMPLIFICATIONS,
+    engine_of,
+    express_game,
+    missing_requirement,
+    science_game,
+    science_tasks,
+    science_variations,
+)
 from lib.env import start_failures
 
 GAME_SUFFIXES = (".z8", ".ulx")
@@ -50,6 +70,10 @@ GAME_KINDS = {
         "split": (str, ("train", "valid", "test")),
     },
 }
+EXPRESS_KIND, SCIENCE_KIND = "twx-", "sciworld-"  # a spec's kind: twx-GAME, sciworld-TASK
+ENGINE_NAMES = {"twx": "TextWorldExpress", "sciworld": "ScienceWorld"}
+KINDS_HELP = (f"{', '.join(GAME_KINDS)}, twx-GAME (GAME: {', '.join(EXPRESS_OPTIONS)}) or sciworld-TASK "
+              "(a ScienceWorld task, e.g. sciworld-boil)")
 # tw-simple needs both options; the others have tw-make defaults.
 REQUIRED_DEFAULTS = {"tw-simple": {"rewards": "dense", "goal": "detailed"}}
 
@@ -92,6 +116,25 @@ GAME_SETS = {
         GameSpec("tw-treasure_hunter", {"level": 10}, num_train=16, num_eval=8),
         GameSpec("tw-cooking", {"recipe": 1, "take": 1, "go": 6, "open": True, "cut": True}, num_train=16, num_eval=8),
     ],
+    # Every TextWorldExpress game, small: a few rooms without doors, short recipes and sequences.
+    "twx": [
+        GameSpec("twx-coin", {"numLocations": 5, "includeDoors": 0}, num_train=8, num_eval=4),
+        GameSpec("twx-cookingworld", {"numLocations": 1, "numIngredients": 2, "numDistractorItems": 2,
+                                      "includeDoors": 0, "limitInventorySize": 0}, num_train=8, num_eval=4),
+        GameSpec("twx-twc", {"numLocations": 1, "numItemsToPutAway": 2, "includeDoors": 0}, num_train=8, num_eval=4),
+        GameSpec("twx-mapreader", {"numLocations": 5, "maxDistanceApart": 3, "includeDoors": 0}, num_train=8,
+                 num_eval=4),
+        GameSpec("twx-arithmetic", {}, num_train=8, num_eval=4),
+        GameSpec("twx-sorting", {}, num_train=8, num_eval=4),
+        GameSpec("twx-simonsays", {"gameLength": 3}, num_train=8, num_eval=4),
+        GameSpec("twx-peckingorder", {}, num_train=8, num_eval=4),
+    ],
+    # ScienceWorld's shortest tasks (gold paths of ~10 commands), with the `easy` simplifications (teleporting,
+    # open doors, no electrical actions).
+    "sciworld-easy": [
+        GameSpec(f"sciworld-{task}", {"simplify": "easy"}, num_train=8, num_eval=4)
+        for task in ("find-living-thing", "find-non-living-thing", "find-plant", "find-animal")
+    ],
 }
 
 
@@ -103,9 +146,11 @@ def default_cache_dir() -> Path:
 def parse_spec(text: str) -> GameSpec:
     """`KIND[:key=value]...` -> GameSpec; `n=` sets the number of games of each split."""
     kind, *parts = text.split(":")
+    if kind.startswith((EXPRESS_KIND, SCIENCE_KIND)):
+        return _parse_engine_spec(text, kind, parts)
     if kind not in GAME_KINDS:
         raise GameError(
-            f"unknown game kind {kind!r} in {text!r}; known kinds: {', '.join(GAME_KINDS)} "
+            f"unknown game kind {kind!r} in {text!r}; known kinds: {KINDS_HELP} "
             f"(or a named set: {', '.join(GAME_SETS)}, or game files)"
         )
     options, num = dict(REQUIRED_DEFAULTS.get(kind, {})), None
@@ -129,6 +174,84 @@ def parse_spec(text: str) -> GameSpec:
     if num is None:
         return GameSpec(kind, options)
     return GameSpec(kind, options, num_train=num, num_eval=num)
+
+
+def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
+    """`twx-GAME[:key=value]...` or `sciworld-TASK[:simplify=...]`, with `n=`, -> GameSpec."""
+    engine = "twx" if kind.startswith(EXPRESS_KIND) else "sciworld"
+    _check_requirement(text, engine)
+    name = kind.removeprefix(EXPRESS_KIND if engine == "twx" else SCIENCE_KIND)
+    known = list(EXPRESS_OPTIONS) if engine == "twx" else science_tasks()
+    if name not in known:
+        raise GameError(f"unknown {ENGINE_NAMES[engine]} {'game' if engine == 'twx' else 'task'} {name!r} in "
+                        f"{text!r}; known: {', '.join(known)}")
+    allowed = EXPRESS_OPTIONS[name] if engine == "twx" else ("simplify",)
+    options, num = {}, None
+    for part in parts:
+        key, _, value = part.partition("=")
+        if key == "n":
+            num = _parse_int(value, text, "n", (1, 100_000))
+        elif key not in allowed:
+            raise GameError(f"unknown option {key!r} for {kind} in {text!r}; options: {', '.join(('n', *allowed))}")
+        elif engine == "twx":
+            options[key] = _parse_int(value, text, key, (0, 100_000))
+        else:
+            unknown = [simplification for simplification in value.split("+")
+                       if simplification not in SCIENCE_SIMPLIFICATIONS]
+            if unknown:
+                raise GameError(f"unknown simplification {unknown[0]!r} in {text!r}; known: "
+                                f"{', '.join(SCIENCE_SIMPLIFICATIONS)} (join several with +)")
+            options[key] = value
+    if num is None:
+        return GameSpec(kind, options)
+    return GameSpec(kind, options, num_train=num, num_eval=num)
+
+
+def _check_requirement(text: str, engine: str) -> None:
+    """GameError unless `engine`'s package and Java are installed, naming what to install."""
+    missing = missing_requirement(engine)
+    if missing is not None:
+        raise GameError(f"{text!r} is a {ENGINE_NAMES[engine]} game, which needs {missing}")
+
+
+def is_engine_spec(spec: GameSpec) -> bool:
+    """Whether `spec` names TextWorldExpress or ScienceWorld games (strings) rather than files to generate."""
+    return spec.kind.startswith((EXPRESS_KIND, SCIENCE_KIND))
+
+
+def engine_games(spec: GameSpec, split: str) -> list[str]:
+    """The game strings (lib.engines) of a TextWorldExpress or ScienceWorld spec's split."""
+    if spec.kind.startswith(EXPRESS_KIND):
+        fold = "train" if split == "train" else "dev"
+        return [express_game(spec.kind.removeprefix(EXPRESS_KIND), fold, seed, spec.options)
+                for seed in spec.seeds(split)]
+    task = spec.kind.removeprefix(SCIENCE_KIND)
+    variations = science_variations([task])[task]["train" if split == "train" else "dev"]
+    count = spec.num_train if split == "train" else spec.num_eval
+    simplifications = spec.options.get("simplify", "").replace("+", ",")
+    return [science_game(task, variation, simplifications) for variation in variations[:count]]
+
+
+def check_engine_specs(specs: list[GameSpec]) -> None:
+    """Check that each TextWorldExpress or ScienceWorld spec's engine is installed, then start its first game once per
+    process (the engine checks the options' values); raises GameError naming the spec and what is wrong."""
+    for spec in specs:
+        _check_requirement(spec.kind, "twx" if spec.kind.startswith(EXPRESS_KIND) else "sciworld")
+    firsts = {}
+    for spec in specs:
+        game = engine_games(spec, "train")[0]
+        if game not in _started_engine_games:
+            firsts[game] = spec
+    failures = start_failures(list(firsts)) if firsts else {}
+    _started_engine_games.update(game for game in firsts if game not in failures)
+    for game, reason in failures.items():
+        spec = firsts[game]
+        options = "".join(f":{key}={value}" for key, value in spec.options.items())
+        raise GameError(f"{spec.kind}{options} does not start in {ENGINE_NAMES[engine_of(game)]} ({reason}): change "
+                        "the options")
+
+
+_started_engine_games: set[str] = set()  # check_engine_specs' games that started in this process
 
 
 def _parse_int(value: str, text: str, key: str, allowed) -> int:
@@ -359,7 +482,8 @@ def _kind_of(item: str) -> str:
     """Which kind of game source one item is: 'set', 'spec' or 'files'."""
     if item in GAME_SETS:
         return "set"
-    if item.split(":")[0] in GAME_KINDS:
+    kind = item.split(":")[0]
+    if kind in GAME_KINDS or kind.startswith((EXPRESS_KIND, SCIENCE_KIND)):
         return "spec"
     if looks_like_path(item):
         return "files"
@@ -367,36 +491,50 @@ def _kind_of(item: str) -> str:
         parse_spec(item)  # raises: an unknown kind, named with the known ones
     raise GameError(
         f"unknown game source {item!r}: not a named set ({', '.join(GAME_SETS)}), not a generator spec "
-        f"(KIND[:key=value], kinds: {', '.join(GAME_KINDS)}), and no such file or folder"
+        f"(KIND[:key=value], kinds: {KINDS_HELP}), and no such file or folder"
     )
 
 
+def _specs(item: str, kind: str) -> list[GameSpec]:
+    """The specs of a named set or spec item; none for files."""
+    return GAME_SETS[item] if kind == "set" else [parse_spec(item)] if kind == "spec" else []
+
+
 def resolve_games(source: str, split: str, cache_dir: Path | None = None, progress: bool = True) -> list[str]:
-    """Turn a game source (see module docstring) into a list of checked game files, generating as needed; every
-    game has started once (check_games_start)."""
+    """Turn a game source (see module docstring) into a list of games, in the source's order: checked game files,
+    generated as needed, and TextWorldExpress / ScienceWorld game strings; every game file has started once
+    (check_games_start), and every engine spec's first game (check_engine_specs)."""
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    items = [(item, _kind_of(item)) for item in _items(source)]
+    # The engines first: a missing Java or a bad option is said before any game is generated.
+    check_engine_specs([spec for item, kind in items for spec in _specs(item, kind) if is_engine_spec(spec)])
+    games: list[str] = []
     files: list[Path] = []
-    for item in _items(source):
-        kind = _kind_of(item)
-        if kind == "set":
-            files += generate_games(GAME_SETS[item], split, cache_dir, progress)
-        elif kind == "spec":
-            files += generate_games([parse_spec(item)], split, cache_dir, progress)
-        else:
-            files += find_game_files(item)
+    for item, kind in items:
+        if kind == "files":
+            found = find_game_files(item)
+            files += found
+            games += [str(p) for p in found]
+        for spec in _specs(item, kind):
+            if is_engine_spec(spec):
+                games += engine_games(spec, split)
+            else:
+                found = generate_games([spec], split, cache_dir, progress)
+                files += found
+                games += [str(p) for p in found]
     check_games_start(files, cache_dir)
-    return [str(p) for p in files]
+    return games
 
 
 def would_generate(source: str, split: str, cache_dir: Path) -> bool:
     """Whether resolve_games(source, split, cache_dir) would generate a game: some seed of a named set or generator
-    spec has neither its game nor its unplayable marker in the cache."""
+    spec has neither its game nor its unplayable marker in the cache (engine specs generate nothing)."""
     for item in _items(source):
-        kind = _kind_of(item)
-        specs = GAME_SETS[item] if kind == "set" else [parse_spec(item)] if kind == "spec" else []
-        for spec in specs:
+        for spec in _specs(item, _kind_of(item)):
+            if is_engine_spec(spec):
+                continue
             for seed in spec.seeds(split):
                 if not game_path(spec, seed, cache_dir).exists() and not unplayable_marker(spec, seed, cache_dir).exists():
                     return True
@@ -405,20 +543,24 @@ def would_generate(source: str, split: str, cache_dir: Path) -> bool:
 
 def check_game_source(source: str, cache_dir: Path | None = None) -> None:
     """Validate a game source without generating anything, so bad flags fail before any model is loaded: existing
-    game files are started once for real (check_games_start, remembered in `cache_dir`)."""
-    files = []
+    game files are started once for real (check_games_start, remembered in `cache_dir`), and so is the first game of
+    each TextWorldExpress or ScienceWorld spec (check_engine_specs)."""
+    files, engine_specs = [], []
     for item in _items(source):
         kind = _kind_of(item)
-        if kind == "spec":
-            parse_spec(item)
-        elif kind == "files":
+        if kind == "files":
             files += find_game_files(item)
+        engine_specs += [spec for spec in _specs(item, kind) if is_engine_spec(spec)]
     if files:
         check_games_start(files, Path(cache_dir) if cache_dir else default_cache_dir())
+    check_engine_specs(engine_specs)
 
 
 def game_name(path: str) -> str:
-    """A short readable name for reports: KIND/OPTIONS/seed-N for generated games, else the file stem."""
+    """A short readable name for reports: KIND/OPTIONS/seed-N for generated games, the game string of the other
+    engines' games, else the file stem."""
+    if engine_of(path) != "textworld":
+        return path
     parts = Path(path).parts
     if len(parts) >= 3 and parts[-3] in GAME_KINDS:
         return "/".join(parts[-3:]).removesuffix(".z8")

@@ -45,6 +45,10 @@ _UNSET_CONTEXT = 1_000_000  # transformers' placeholder for an unknown model_max
 
 _warned_of_long_goals = False  # build_prompt's grown budgets are said once per process
 
+# How the engines say that the player carries nothing: TextWorld, TextWorldExpress, ScienceWorld.
+_EMPTY_INVENTORY = re.compile(
+    r"carrying nothing|inventory is currently empty|in your inventory, you see:\s*nothing\s*$", re.IGNORECASE
+)
 _BANNER_LINE = re.compile(r"^[\s_|\\/$<>]*[_$|\\][\s_|\\/$<>]*$")
 _ROOM_HEADER = re.compile(r"^\s*-=.*=-\s*$")
 _TRAILING_PUNCTUATION = ".!?,;:'\"`"
@@ -64,9 +68,9 @@ def clean_observation(text: str, objective: str = "") -> str:
 
 
 def clean_inventory(inventory: str) -> str:
-    """'' when the player carries nothing, else the inventory text."""
+    """'' when the player carries nothing (as any engine says it), else the inventory text."""
     inventory = inventory.strip()
-    return "" if not inventory or "carrying nothing" in inventory.lower() else inventory
+    return "" if not inventory or _EMPTY_INVENTORY.search(inventory) else inventory
 
 
 def hint_commands(admissible_commands: list[str], include_examine: bool = False) -> list[str]:

@@ -44,8 +44,9 @@ as JSON-ready data (with the env's, see lib/env.py) for a checkpoint; `load_stat
 
 Rollout dataset: one row per turn, one `datasets` folder per iteration under `output_dir/rollouts/iteration-NNNNN`
 (written under a temporary name, then renamed, so a crash never leaves half an iteration; rejection_sampling.py
-writes its rounds the same way, as `round-NNNNN`). Columns: iteration, process, slot, game, episode, turn (1 = first
-command of the episode), prompt, response, command, reward (reward_fn), score (after the turn), max_score, done
+writes its rounds the same way, as `round-NNNNN`). Columns: iteration, process, slot, game, env (the game's engine:
+textworld, twx or sciworld), episode, turn (1 = first command of the episode), prompt, response, command, reward
+(reward_fn), score (after the turn, a float for every engine, see lib/engines.py), max_score, done
 (terminated), truncated, won, invalid, advantage (mean over the turn's response tokens, before whitening), return
 (the value target at the turn's first response token; with group-relative advantages, the episode's return),
 value (values[0]; NaN without a value head), logprob (sum
@@ -71,6 +72,7 @@ from pathlib import Path
 import torch
 
 from lib.agents import FALLBACK_COMMAND, Agent
+from lib.engines import engine_of
 from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
 from lib.generation import GenerationConfig, generate
@@ -109,8 +111,8 @@ class Transition:
     ref_logprobs: torch.Tensor
     values: torch.Tensor | None
     reward: float
-    score: int
-    max_score: int
+    score: float
+    max_score: float
     done: bool
     truncated: bool
     won: bool
@@ -480,10 +482,12 @@ class _RewardRecorder(Agent):
             before, after = self.states[slot], result.state
             history = self.histories.setdefault(slot, [])
             self.turns.append({
-                "game": after.game, "episode": self.episode_ids[after.episode], "turn": after.steps,
+                "game": after.game, "env": engine_of(after.game), "episode": self.episode_ids[after.episode],
+                "turn": after.steps,
                 "prompt": self.prompts[slot], "response": responses[slot], "command": result.command,
                 "reward": float(self.reward_fn(TurnOutcome(before, result.command, result, list(history)))),
-                "score": after.score, "max_score": after.max_score, "won": after.won, "invalid": result.invalid,
+                "score": float(after.score), "max_score": float(after.max_score), "won": after.won,
+                "invalid": result.invalid,
                 "done": result.done,
             })
             history.append(Turn(clean_observation(before.observation, before.objective), result.command))
@@ -507,7 +511,7 @@ def play_episodes(
     """Play `num_episodes` whole episodes (over all processes) with `agent`, as lib.evaluation.evaluate does: the
     same prompts, the same share of episodes per process and game. Returns this process's turns and its report.
 
-    A turn: game (file), episode (global number), turn (1 = first command), prompt, response (raw text), command,
+    A turn: game (file or game string), env (its engine, lib.engines), episode (global number), turn (1 = first command), prompt, response (raw text), command,
     reward (reward_fn), score and max_score after it, won, invalid, done (its episode ended there).
     """
     recorder = _RewardRecorder(agent, reward_fn, rank_episodes(num_episodes, len(games), process_index, num_processes))
@@ -534,9 +538,10 @@ def rollout_rows(
     rows = []
     for i, t in enumerate(transitions):
         rows.append({
-            "iteration": iteration, "process": process_index, "slot": t.slot, "game": t.game, "episode": t.episode,
-            "turn": t.turn, "prompt": t.prompt, "response": t.response, "command": t.command, "reward": t.reward,
-            "score": t.score, "max_score": t.max_score, "done": t.done, "truncated": t.truncated, "won": t.won,
+            "iteration": iteration, "process": process_index, "slot": t.slot, "game": t.game,
+            "env": engine_of(t.game), "episode": t.episode, "turn": t.turn, "prompt": t.prompt, "response": t.response,
+            "command": t.command, "reward": t.reward, "score": float(t.score), "max_score": float(t.max_score),
+            "done": t.done, "truncated": t.truncated, "won": t.won,
             "invalid": t.invalid, "advantage": float(mean_advantages[i]), "return": float(returns[i, 0]),
             "value": math.nan if t.values is None else float(t.values[0]), "logprob": float(t.logprobs.sum()),
             "kl": float(kl_sums[i]),
@@ -580,9 +585,18 @@ def load_rollouts(folder: str | Path, prefix: str = "iteration"):
 
 
 def _current_columns(dataset, prefix: str):
-    """A part written before the columns were renamed (step -> turn, 0-based nowhere in these datasets; PPO's
-    process index rank -> process), under today's names, so that old and new iterations concatenate."""
+    """A part written before the columns changed (step -> turn, 0-based nowhere in these datasets; PPO's process
+    index rank -> process; integer scores, no env column before the other engines), in today's columns, so that old
+    and new iterations concatenate."""
+    from datasets import Value
+
     renames = {"step": "turn"}
     if prefix == "iteration":
         renames["rank"] = "process"
-    return dataset.rename_columns({old: new for old, new in renames.items() if old in dataset.column_names})
+    dataset = dataset.rename_columns({old: new for old, new in renames.items() if old in dataset.column_names})
+    for column in ("score", "max_score"):
+        if column in dataset.column_names and dataset.features[column].dtype != "float64":
+            dataset = dataset.cast_column(column, Value("float64"))
+    if "game" in dataset.column_names and "env" not in dataset.column_names:
+        dataset = dataset.add_column("env", [engine_of(game) for game in dataset["game"]])
+    return dataset

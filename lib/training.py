@@ -111,7 +111,7 @@ class RunArguments:
     model_name_or_path: str = field(default=DEFAULT_MODEL, metadata={"help": "Policy: hub id, folder, training output, .gguf, or the packaged SmolLM2-135M."})
     output_dir: str = field(default="outputs/run", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, rollouts and logs of an earlier run in output_dir first, and replace files there that no textworld-rl run wrote (README.md, config.json, ...)."})
-    train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4), files, folders or globs."})
+    train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4, twx-coin:numLocations=5:n=16, sciworld-boil), files, folders or globs; comma-joined for a mixture."})
     eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
     num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (training and evaluation)."})

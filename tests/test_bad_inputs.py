@@ -51,6 +51,9 @@ CASES = {
     "NaN gamma (rejection sampling)": (RS, ["--gamma", "nan"], ["--gamma must be a finite number", "got nan"], True),
     "negative seed": (RS, ["--seed", "-1"], ["--seed must be >= 0", "got -1"], True),
     "play: infinite temperature": (PLAY, ["--agent", "random", "--temperature", "inf"], ["--temperature must be a finite number", "got inf"], False),
+    "unknown TextWorldExpress game": (PPO, ["--train_games", "twx-coins:n=2"], ["--train_games", "unknown TextWorldExpress game 'coins'", "known: coin, cookingworld"], True),
+    "TextWorldExpress option out of range": (RS, ["--train_games", "twx-coin:numLocations=50"], ["--train_games", "does not start in TextWorldExpress", "less than or equal to 11"], True),
+    "play: unknown ScienceWorld task": (PLAY, ["--agent", "random", "--games", "sciworld-boiling"], ["--games", "unknown ScienceWorld task 'boiling'", "known: boil"], False),
 }
 
 

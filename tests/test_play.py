@@ -31,7 +31,7 @@ from lib.prompts import PromptConfig, parse_command
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("normalized_score", "win_rate", "mean_steps", "invalid_rate")
-TRANSCRIPT_COLUMNS = {"game", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
+TRANSCRIPT_COLUMNS = {"game", "env", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
                       "max_score", "done", "won", "invalid"}
 
 

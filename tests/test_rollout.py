@@ -284,3 +284,18 @@ def test_rollouts_written_before_the_column_renames_load_with_todays_names(tmp_p
     assert dataset.to_list() == [{"iteration": 1, "process": 0, "turn": 1}, {"iteration": 2, "process": 1, "turn": 2}]
     Dataset.from_list([{"round": 1, "rank": 3, "step": 1}]).save_to_disk(str(tmp_path / "rollouts" / "round-00001"))
     assert load_rollouts(tmp_path, prefix="round").to_list() == [{"round": 1, "rank": 3, "turn": 1}]
+
+
+def test_rollouts_from_before_the_other_engines_load_beside_todays(tmp_path):
+    """Iterations written before TextWorldExpress and ScienceWorld (integer scores, no env column) and today's
+    (float scores, env) load as one dataset."""
+    from datasets import Dataset
+
+    Dataset.from_list([{"iteration": 1, "game": "games/a.z8", "score": 1, "max_score": 2}]).save_to_disk(
+        str(tmp_path / "rollouts" / "iteration-00001"))
+    save_rollouts([{"iteration": 2, "game": "twx:coin:train:0", "env": "twx", "score": 0.5, "max_score": 1.0}],
+                  tmp_path, 2)
+    assert load_rollouts(tmp_path).to_list() == [
+        {"iteration": 1, "game": "games/a.z8", "score": 1.0, "max_score": 2.0, "env": "textworld"},
+        {"iteration": 2, "game": "twx:coin:train:0", "env": "twx", "score": 0.5, "max_score": 1.0},
+    ]

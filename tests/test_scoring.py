@@ -22,7 +22,7 @@ from lib.scoring import (
     select_candidates,
 )
 
-TRANSCRIPT_COLUMNS = {"game", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
+TRANSCRIPT_COLUMNS = {"game", "env", "episode", "turn", "prompt", "response", "command", "observation", "reward", "score",
                       "max_score", "done", "won", "invalid", "candidates", "chosen_index"}
 CANDIDATES = [
     ["take coin", "go north", "examine the large wooden chest of drawers"],

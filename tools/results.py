@@ -37,6 +37,9 @@ RESULT_FILE = "result.json"
 EVAL = {
     "default": "--num_episodes 12 --max_episode_turns 12",
     "hard": "--games hard --num_episodes 16 --max_episode_turns 30",
+    # The other engines' sets (README "TextWorldExpress and ScienceWorld"): one eval episode per held-out game.
+    "twx": "--games twx --num_episodes 32 --max_episode_turns 20",
+    "sciworld-easy": "--games sciworld-easy --num_episodes 16 --max_episode_turns 20",
 }
 # set -> name -> (command with {out} for the output folder, experiment it starts from or None, label)
 EXPERIMENTS = {
@@ -68,6 +71,28 @@ EXPERIMENTS = {
                               "rejection sampling, then PPO (score)"),
     },
 }
+
+
+def engine_experiments(game_set: str) -> dict:
+    """A TextWorldExpress or ScienceWorld set's experiments: the baselines, the zero-shot model and the trainers with
+    their defaults, trained on the set's train split and evaluated on its eval split as EVAL[game_set] plays it."""
+    flags = dict(zip(EVAL[game_set].split()[::2], EVAL[game_set].split()[1::2]))
+    play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
+    train = (f"--train_games {flags['--games']} --eval_games {flags['--games']} --eval_episodes "
+             f"{flags['--num_episodes']} --max_episode_turns {flags['--max_episode_turns']} --output_dir {{out}}")
+    return {
+        "random": (play.replace("play.py", "play.py --agent random"), None, "random admissible"),
+        "walkthrough": (play.replace("play.py", "play.py --agent walkthrough"), None, "gold path"),
+        "zero_shot_generate": (play.replace("play.py", "play.py --action_mode generate"), None,
+                               "zero-shot SmolLM2-135M, generate"),
+        "zero_shot_score": (play, None, "zero-shot SmolLM2-135M, score"),
+        "ppo_score": (f"python ppo_textworld.py {train}", None, "PPO, score"),
+        "ppo_generate": (f"python ppo_textworld.py --action_mode generate {train}", None, "PPO, generate"),
+        "rs_score": (f"python rejection_sampling.py {train}", None, "rejection sampling, score"),
+    }
+
+
+EXPERIMENTS.update({game_set: engine_experiments(game_set) for game_set in ("twx", "sciworld-easy")})
 
 
 def selected(names: list[str]) -> list[tuple[str, str]]:
