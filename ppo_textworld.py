@@ -86,6 +86,7 @@ from lib.arguments import (
     scoring_config,
 )
 from lib.env import BatchEnv
+from lib.curriculum import Curriculum
 from lib.losses import (
     KL_DIRECTIONS,
     KL_ESTIMATORS,
@@ -139,6 +140,8 @@ class PPORunArguments(RunArguments):
     turns_per_slot: int = field(default=8, metadata={"help": "Turns each slot plays per iteration (gae); the batch is num_envs * turns_per_slot turns. The critic-free estimators play whole episodes."})
     eval_every: int = field(default=2, metadata={"help": "Evaluate every N iterations (0: only before and after training)."})
     save_every: int = field(default=2, metadata={"help": "Checkpoint every N iterations (0: only at the end); a stopped run resumes from the newest."})
+    curriculum_threshold: float = field(default=0.8, metadata={"help": "Curriculum (--train_games 'A > B > ...'): move to the next stage when the win rate of the stage's last curriculum_window training episodes reaches this."})
+    curriculum_window: int = field(default=32, metadata={"help": "Training episodes of a stage whose win rate decides the move (the window must be full)."})
 
 
 @dataclass
@@ -197,7 +200,7 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
         "num_iterations": run.num_iterations, "turns_per_slot": run.turns_per_slot, "ppo_epochs": ppo.ppo_epochs,
         "num_minibatches": ppo.num_minibatches, "gradient_accumulation_steps": ppo.gradient_accumulation_steps,
         "learning_rate": ppo.learning_rate, "clip_range": ppo.clip_range, "max_grad_norm": ppo.max_grad_norm,
-        "kl_horizon": ppo.kl_horizon, "group_size": ppo.group_size,
+        "kl_horizon": ppo.kl_horizon, "group_size": ppo.group_size, "curriculum_window": run.curriculum_window,
     }
     if ppo.clip_range_value is not None:
         positive["clip_range_value"] = ppo.clip_range_value
@@ -207,6 +210,8 @@ def check_arguments(run: PPORunArguments, ppo: PPOArguments, value_head: ValueHe
     for name in ("eval_every", "save_every"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
+    if not 0 <= run.curriculum_threshold <= 1:
+        raise ValueError(f"--curriculum_threshold is a win rate in [0, 1], got {run.curriculum_threshold}")
     for name in ("vf_coef", "ent_coef", "kl_coef", "kl_loss_coef", "gigpo_step_weight"):
         if getattr(ppo, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(ppo, name)}")
@@ -648,8 +653,16 @@ def main(argv: list[str]) -> None:
     prompts, temperature = prompt_config(rollout_args), rollout_args.temperature
     reward_fn = REWARD_FN or reward_chain(reward_config(rollout_args))
     loss_options = {"ppo": ppo, "temperature": temperature, "pad_id": pad_id, "device": device}
-    env = BatchEnv(training.train_games, slots, run.max_episode_turns, shuffle=True, seed=run.seed,
-                   rank=training.process_index, world_size=training.num_processes, group_size=ppo.group_size)
+    # A curriculum (--train_games 'A > B > ...') plays its stages in turn; a run without one has one stage.
+    curriculum = Curriculum(len(training.train_stages), run.curriculum_threshold, run.curriculum_window,
+                            training.state.get("curriculum"))
+
+    def stage_env() -> BatchEnv:
+        return BatchEnv(training.train_stages[curriculum.stage], slots, run.max_episode_turns, shuffle=True,
+                        seed=run.seed + curriculum.stage, rank=training.process_index,
+                        world_size=training.num_processes, group_size=ppo.group_size)
+
+    env = stage_env()
     max_context_tokens = rollout_args.max_context_tokens if episode_context else None
     if rollout_args.action_mode == "score":
         greedy = scoring_config(rollout_args, greedy=True)
@@ -771,6 +784,19 @@ def main(argv: list[str]) -> None:
                 (("episodic_return", "return"), ("normalized_score", "normalized_score"), ("win_rate", "won"),
                  ("episode_length", "length"))
             })
+        if curriculum.num_stages > 1:  # every process records the same episodes, so all move on together
+            curriculum.record(gather_object([episode["won"] for episode in episodes]))
+            metrics.update({"charts/curriculum/stage": curriculum.stage + 1,
+                            "charts/curriculum/win_rate": curriculum.win_rate()})
+            if curriculum.ready():
+                curriculum.advance()
+                accelerator.print(f"curriculum: stage {curriculum.stage + 1} of {curriculum.num_stages} from iteration "
+                                  f"{iteration + 1} (win rate {metrics['charts/curriculum/win_rate']:.2f} over the "
+                                  f"last {curriculum.window} training episodes)")
+                env.close()
+                env = stage_env()
+                collector.use_env(env)
+            training.state["curriculum"] = curriculum.state_dict()
         rows = gather_object(rollout_rows(turns, iteration, training.process_index, raw_advantages, returns, kl, mask))
         if accelerator.is_main_process:
             save_rollouts(rows, run.output_dir, iteration)

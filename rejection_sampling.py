@@ -54,6 +54,7 @@ from lib.arguments import (
     scoring_config,
 )
 from lib.evaluation import merge_reports
+from lib.games import stages
 from lib.losses import KL_DIRECTIONS, exact_kl, masked_sum, sft_loss
 from lib.models import freeze_lower_layers
 from lib.prompts import answer_text
@@ -137,6 +138,9 @@ def check_arguments(run: RSRunArguments, selection: SelectionArguments, finetune
     for name, value in positive.items():
         if not value > 0:
             raise ValueError(f"--{name} must be positive, got {value}")
+    if len(stages(run.train_games)) > 1:
+        raise ValueError("--train_games: curriculum stages ('>') are ppo_textworld.py's; rejection sampling trains on "
+                         "one game source (a mixture is fine: SOURCE@WEIGHT,SOURCE@WEIGHT)")
     if rollout.context != "window":
         raise ValueError("--context episode is ppo_textworld.py's: rejection sampling fine-tunes on each chosen turn "
                          "with its window prompt; drop the flag (play.py plays either way)")

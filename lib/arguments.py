@@ -49,6 +49,7 @@ class RolloutArguments:
     living_cost: float = field(default=0.01, metadata={"help": "Cost per step (reward `living`)."})
     invalid_penalty: float = field(default=0.1, metadata={"help": "Penalty for a non-admissible or no-op command (reward `invalid`)."})
     letter_e_weight: float = field(default=1.0, metadata={"help": "Reward per letter e in the command (reward `letter_e`)."})
+    revisit_penalty: float = field(default=0.1, metadata={"help": "Penalty for a command that leads back to an observation already seen in the episode (reward `revisit`)."})
 
 
 def generation_config(rollout: RolloutArguments, greedy: bool = False) -> GenerationConfig:
@@ -73,7 +74,7 @@ def prompt_config(rollout: RolloutArguments) -> PromptConfig:
 def reward_config(rollout: RolloutArguments) -> RewardConfig:
     return RewardConfig(
         parse_reward_names(rollout.reward), rollout.score_weight, rollout.win_bonus, rollout.lose_penalty,
-        rollout.living_cost, rollout.invalid_penalty, rollout.letter_e_weight,
+        rollout.living_cost, rollout.invalid_penalty, rollout.letter_e_weight, rollout.revisit_penalty,
     )
 
 

@@ -2,7 +2,8 @@
 checking existing files.
 
 A game source (the `--train_games` / `--eval_games` flags) is one of:
-  - a named set, e.g. `default`, `coin`, `treasure`, `cooking`, `hard`, `twx`, `sciworld-easy` (see GAME_SETS);
+  - a named set, e.g. `default`, `hunts-easy`, `hunts-hard`, `simple`, `cooking-1`..`cooking-4`, `cooking-levels`,
+    `hard`, `twx`, `sciworld-easy` (see GAME_SETS);
     the train and eval splits of a set never share a game;
   - a generator spec `KIND[:key=value]...`, e.g. `tw-coin_collector:level=5:n=8` (n = number of games);
   - a TextWorldExpress spec `twx-GAME[:key=value]...`, e.g. `twx-coin:numLocations=5:n=16`, GAME one of
@@ -12,6 +13,10 @@ A game source (the `--train_games` / `--eval_games` flags) is one of:
     train split plays the task's first n train variations, the eval split its first n dev variations (ScienceWorld's
     own folds; fewer when the task has fewer);
   - existing game files: a `.z8` / `.ulx` path, a folder of them, or a glob; several joined by commas.
+Items joined by commas make one list. A training mixture weighs them: `hunts-easy@3,cooking-levels@1` plays three
+episodes of hunts for one of cooking, whatever the sets' sizes (`mixture`; an item without a weight weighs 1; the
+eval split lists each game once). ppo_textworld.py's --train_games also takes a curriculum, stages joined by `>`
+(`stages`), e.g. `tw-coin_collector:level=1:n=16 > hunts-easy`.
 TextWorldExpress and ScienceWorld games are not files but game strings (lib.engines); their specs need the engine's
 package and Java, and a spec's first game is started once per process to check its options (the engine checks their
 ranges).
@@ -24,6 +29,7 @@ that started are remembered by their bytes' hash in `cache_dir/started-games.jso
 import glob
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -100,6 +106,16 @@ class GameSpec:
         return [EVAL_SEED_OFFSET + i for i in range(self.num_eval)]
 
 
+# tw-cooking options of the cooking levels (the named sets cooking-1 ... cooking-4).
+COOKING_LEVELS = {
+    1: {"recipe": 1, "take": 1, "go": 1},
+    2: {"recipe": 1, "take": 1, "go": 6, "open": True},
+    3: {"recipe": 2, "take": 2, "go": 1, "cut": True},
+    4: {"recipe": 3, "take": 3, "go": 9, "open": True, "cook": True, "cut": True},
+}
+# A mixture's weight: `SOURCE@WEIGHT` in a comma-joined source; a curriculum's stages: `SOURCE > SOURCE > ...`.
+WEIGHT_MARK, STAGE_MARK = "@", ">"
+
 # Named sets. `default` trains in minutes on a laptop CPU: one-room-to-few-rooms fetch quests.
 GAME_SETS = {
     "default": [
@@ -117,6 +133,18 @@ GAME_SETS = {
         GameSpec("tw-cooking", {"recipe": 1, "take": 1, "go": 6, "open": True, "cut": True}, num_train=16, num_eval=8),
     ],
     # Every TextWorldExpress game, small: a few rooms without doors, short recipes and sequences.
+    # Per-kind sets of the learning recipes (README "Results"), every level in the train and the eval split:
+    # coin and treasure hunts at levels 1-5 and 10-20, dense tw-simple games, and cooking games at four levels in the
+    # spirit of First TextWorld Problems (1: one ingredient in one room; 2: six rooms behind doors; 3: two
+    # ingredients, one to cut; 4: three ingredients to cut and cook, nine rooms behind doors).
+    "hunts-easy": [GameSpec(kind, {"level": level}, num_train=8, num_eval=4)
+                   for kind in ("tw-coin_collector", "tw-treasure_hunter") for level in range(1, 6)],
+    "hunts-hard": [GameSpec(kind, {"level": level}, num_train=8, num_eval=4)
+                   for kind in ("tw-coin_collector", "tw-treasure_hunter") for level in (10, 15, 20)],
+    "simple": [GameSpec("tw-simple", {"rewards": "dense", "goal": "detailed"}, num_train=32, num_eval=16)],
+    **{f"cooking-{level}": [GameSpec("tw-cooking", options, num_train=16, num_eval=8)]
+       for level, options in COOKING_LEVELS.items()},
+    "cooking-levels": [GameSpec("tw-cooking", options, num_train=8, num_eval=4) for options in COOKING_LEVELS.values()],
     "twx": [
         GameSpec("twx-coin", {"numLocations": 5, "includeDoors": 0}, num_train=8, num_eval=4),
         GameSpec("twx-cookingworld", {"numLocations": 1, "numIngredients": 2, "numDistractorItems": 2,
@@ -472,10 +500,55 @@ def looks_like_path(source: str) -> bool:
 
 
 def _items(source: str) -> list[str]:
-    items = [part.strip() for part in (source or "").split(",") if part.strip()]
+    """The comma-joined items of one source, without their weights."""
+    return [item for item, _ in _weighted_items(source)]
+
+
+def _weighted_items(source: str) -> list[tuple[str, float | None]]:
+    """(item, weight or None) of each comma-joined item of one source (`ITEM@WEIGHT`, module docstring)."""
+    if STAGE_MARK in (source or ""):
+        raise GameError(f"{source!r} has curriculum stages ({STAGE_MARK!r}): only ppo_textworld.py's --train_games "
+                        "takes them; give one stage here")
+    items = []
+    for part in (source or "").split(","):
+        item, mark, weight = part.strip().rpartition(WEIGHT_MARK)
+        if not mark or looks_like_path(part.strip()):
+            items.append((part.strip(), None))
+            continue
+        try:
+            number = float(weight)
+        except ValueError:
+            number = math.nan
+        if not number > 0 or math.isinf(number) or not item.strip():
+            raise GameError(f"bad mixture weight in {part.strip()!r}: write SOURCE{WEIGHT_MARK}WEIGHT with a positive "
+                            f"number, e.g. hunts-easy{WEIGHT_MARK}3,cooking-levels{WEIGHT_MARK}1")
+        items.append((item.strip(), number))
+    items = [(item, weight) for item, weight in items if item]
     if not items:
         raise GameError("empty game source: give a named set (e.g. 'default'), a generator spec, or game files")
     return items
+
+
+def stages(source: str) -> list[str]:
+    """A curriculum's stages, each one game source: `A > B > C` -> [A, B, C]; a source without stages is one."""
+    parts = [part.strip() for part in (source or "").split(STAGE_MARK)]
+    if len(parts) > 1 and not all(parts):
+        raise GameError(f"empty curriculum stage in {source!r}: write STAGE {STAGE_MARK} STAGE {STAGE_MARK} ..., each "
+                        "stage a game source")
+    return parts
+
+
+def mixture(parts: list[tuple[list[str], float]]) -> list[str]:
+    """Games of weighted parts as one training list: part i's games repeated in turn so that it fills weight_i / the
+    sum of the weights of the list (to within one game), each of its games equally often (to within one) and at
+    least once. The env plays the list in a reshuffled order every pass, so episodes follow the weights."""
+    total = sum(weight for _, weight in parts)
+    size = max(math.ceil(len(games) * total / weight) for games, weight in parts)
+    games_list = []
+    for games, weight in parts:
+        count = max(len(games), round(size * weight / total))
+        games_list += [games[index % len(games)] for index in range(count)]
+    return games_list
 
 
 def _kind_of(item: str) -> str:
@@ -507,12 +580,14 @@ def resolve_games(source: str, split: str, cache_dir: Path | None = None, progre
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    items = [(item, _kind_of(item)) for item in _items(source)]
+    weighted = _weighted_items(source)
+    items = [(item, _kind_of(item)) for item, _ in weighted]
     # The engines first: a missing Java or a bad option is said before any game is generated.
     check_engine_specs([spec for item, kind in items for spec in _specs(item, kind) if is_engine_spec(spec)])
-    games: list[str] = []
+    parts: list[list[str]] = []
     files: list[Path] = []
     for item, kind in items:
+        games: list[str] = []
         if kind == "files":
             found = find_game_files(item)
             files += found
@@ -524,8 +599,11 @@ def resolve_games(source: str, split: str, cache_dir: Path | None = None, progre
                 found = generate_games([spec], split, cache_dir, progress)
                 files += found
                 games += [str(p) for p in found]
+        parts.append(games)
     check_games_start(files, cache_dir)
-    return games
+    if split == "train" and any(weight is not None for _, weight in weighted):  # held-out games count once each
+        return mixture([(games, 1.0 if weight is None else weight) for games, (_, weight) in zip(parts, weighted)])
+    return [game for games in parts for game in games]
 
 
 def would_generate(source: str, split: str, cache_dir: Path) -> bool:

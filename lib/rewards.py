@@ -9,23 +9,25 @@ is the sum of the chosen components:
   living    -living_cost every step                               pushes toward short solutions
   invalid   -invalid_penalty when the command was not admissible, or (given the state before) it changed nothing:
             same observation, inventory and score
+  revisit   -revisit_penalty when the command led back to an observation already seen in the episode (a room
+            left and entered again, a description read twice): against the loops a greedy policy falls into
   letter_e  letter_e_weight * (number of 'e' in the command)      the toy sanity task of the original project
 
 The per-token KL penalty is not part of this chain: it depends on the model, and lives in the training loop.
 
 A trainer's reward is any function `reward_fn(outcome: TurnOutcome) -> float` that it hands to the collector;
 `reward_chain(config)` is the default. A TurnOutcome carries the state the command was given in, the command, the
-step's result and the episode's earlier turns, so a reward that needs the episode's history (a penalty for
-revisiting a room, say) is a function in the script, not a change here.
+step's result and the episode's earlier turns, so a reward that needs the episode's history (`revisit`) can
+be written as a function of it.
 """
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lib.env import GameState, StepResult
-from lib.prompts import Turn
+from lib.prompts import Turn, clean_observation
 
-REWARD_NAMES = ("score", "win", "lose", "living", "invalid", "letter_e")
+REWARD_NAMES = ("score", "win", "lose", "living", "invalid", "revisit", "letter_e")
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RewardConfig:
     living_cost: float = 0.01
     invalid_penalty: float = 0.1
     letter_e_weight: float = 1.0
+    revisit_penalty: float = 0.1
 
     def __post_init__(self):
         self.names = tuple(self.names)
@@ -74,18 +77,20 @@ def reward_chain(config: RewardConfig) -> RewardFn:
     """The built-in reward: the sum of the `--reward` components (compute_reward's total)."""
 
     def reward(outcome: TurnOutcome) -> float:
-        return compute_reward(outcome.result, outcome.command, config, outcome.before)["total"]
+        return compute_reward(outcome.result, outcome.command, config, outcome.before, outcome.history)["total"]
 
     return reward
 
 
 def compute_reward(
-    result: StepResult, command: str, config: RewardConfig, before: GameState | None = None
+    result: StepResult, command: str, config: RewardConfig, before: GameState | None = None,
+    history: list[Turn] | None = None,
 ) -> dict[str, float]:
     """The chosen components of one step's reward and their sum under 'total'.
 
     `command` is the model's command (what `letter_e` counts); `before` is the state the command was given in,
-    needed only to call an admissible command that changed nothing invalid.
+    needed to call an admissible command that changed nothing invalid; `history` the episode's earlier turns (their
+    cleaned observations), with `before`'s what `revisit` compares against.
     """
     after = result.state
     components = {}
@@ -102,6 +107,12 @@ def compute_reward(
             # A crashed game process is not the command's fault, even though its state did not change.
             wasted = not result.crashed and (result.invalid or (before is not None and state_unchanged(before, after)))
             components[name] = -config.invalid_penalty if wasted else 0.0
+        elif name == "revisit":
+            seen = {turn.observation for turn in history or []}
+            if before is not None:
+                seen.add(clean_observation(before.observation, before.objective))
+            again = not result.crashed and clean_observation(after.observation, after.objective) in seen
+            components[name] = -config.revisit_penalty if again else 0.0
         elif name == "letter_e":
             components[name] = config.letter_e_weight * command.count("e")
     components["total"] = float(sum(components.values()))

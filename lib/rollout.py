@@ -176,6 +176,16 @@ class RolloutCollector:
         self.histories: list[list[Turn]] = [[] for _ in self.states]
         self.returns = [0.0 for _ in self.states]
 
+    def use_env(self, env: BatchEnv) -> None:
+        """Play `env`'s games from now on (a curriculum's next stage): every slot starts a new episode there."""
+        self.env = env
+        self.states = env.reset()
+        self.histories = [[] for _ in self.states]
+        self.returns = [0.0 for _ in self.states]
+        if self.context is not None:
+            for slot in range(len(self.states)):
+                self.context.end(slot)
+
     def state_dict(self) -> dict:
         return {
             "env": self.env.state_dict(),

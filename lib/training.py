@@ -52,7 +52,7 @@ from lib.checkpoints import (
 )
 from lib.env import GameProcessError
 from lib.evaluation import evaluate, merge_reports
-from lib.games import GameError, check_game_source, resolve_games
+from lib.games import GameError, check_game_source, resolve_games, stages
 from lib.hub import check_push_flag, push_failure_message, push_model_folder
 from lib.models import (
     CHECKPOINTS_DIR,
@@ -152,7 +152,8 @@ def check_run_arguments(run: RunArguments, world_size: int) -> None:
         raise ValueError(f"--model_name_or_path: {error}") from None
     for flag, source in (("--train_games", run.train_games), ("--eval_games", run.eval_games)):
         try:
-            check_game_source(source, run.games_dir)
+            for stage in stages(source) if flag == "--train_games" else [source]:
+                check_game_source(stage, run.games_dir)
         except GameError as error:
             raise ValueError(f"{flag}: {error}") from None
 
@@ -206,7 +207,8 @@ def check_run_paths(run: RunArguments) -> None:
     for name, what in written:
         check_writable_folder(output / name, f"{output / name} (the {what} of --output_dir)",
                               "pass another --output_dir")
-    sources = [(run.train_games, "train")] + ([(run.eval_games, "eval")] if run.eval_episodes else [])
+    sources = [(stage, "train") for stage in stages(run.train_games)]
+    sources += [(run.eval_games, "eval")] if run.eval_episodes else []
     check_games_dir(run.games_dir, sources)
 
 
@@ -304,17 +306,20 @@ def shared_games(train: list[str], held_out: list[str]) -> list[str]:
 
 
 def resolve_game_sets(accelerator, train_games: str, eval_games: str, games_dir: Path, evaluate_too: bool,
-                      progress: bool) -> tuple[list[str], list[str]]:
-    """Train and eval game files; the main process generates missing games first, the others then find them cached.
-    Raises lib.games.GameError for a bad source, ValueError when a process would get no training game."""
+                      progress: bool) -> tuple[list[list[str]], list[str]]:
+    """The training games of each curriculum stage (one stage without `>`) and the eval games; the main process
+    generates missing games first, the others then find them cached. Raises lib.games.GameError for a bad source,
+    ValueError when a process would get no training game."""
     progress = progress and accelerator.is_main_process
     with accelerator.main_process_first():
-        train = resolve_games(train_games, "train", games_dir, progress=progress)
+        train = [resolve_games(stage, "train", games_dir, progress=progress) for stage in stages(train_games)]
         held_out = resolve_games(eval_games, "eval", games_dir, progress=progress) if evaluate_too else []
-    if len(train) < accelerator.num_processes:
-        raise ValueError(
-            f"--train_games has {len(train)} games for {accelerator.num_processes} processes; every process needs one"
-        )
+    for number, games in enumerate(train, start=1):
+        if len(games) < accelerator.num_processes:
+            where = f"stage {number} of --train_games" if len(train) > 1 else "--train_games"
+            raise ValueError(
+                f"{where} has {len(games)} games for {accelerator.num_processes} processes; every process needs one"
+            )
     return train, held_out
 
 
@@ -738,12 +743,14 @@ class TrainingRun:
         datasets.disable_progress_bars()  # one bar per iteration is enough
         try:
             games_dir, _ = games_cache_dir(run.games_dir)
-            self.train_games, self.eval_games = resolve_game_sets(
+            self.train_stages, self.eval_games = resolve_game_sets(
                 self.accelerator, run.train_games, run.eval_games, games_dir, run.eval_episodes > 0, run.progress
             )
         except (GameError, ValueError) as error:
             sys.exit(f"error: {error}")
-        self.eval_games_trained_on = len(shared_games(self.train_games, self.eval_games))
+        self.train_games = self.train_stages[0]  # a curriculum's first stage (ppo_textworld.py moves on)
+        every_stage = [game for games in self.train_stages for game in games]
+        self.eval_games_trained_on = len(shared_games(every_stage, self.eval_games))
         if self.eval_games_trained_on:
             self.accelerator.print(
                 f"warning: {self.eval_games_trained_on} of the {len(self.eval_games)} --eval_games are --train_games "

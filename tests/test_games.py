@@ -167,3 +167,54 @@ def test_a_seed_textworld_cannot_build_is_replaced_by_the_next_ones(tmp_path, mo
     made.clear()  # the cache remembers both the games and the seeds that cannot be built
     assert [p.name for p in games_module.generate_games([spec], "train", tmp_path, progress=False)] == names
     assert made == []
+
+
+@pytest.mark.parametrize("level", [1, 2, 3, 4])
+def test_cooking_levels_generate_and_grow(level, games_cache):
+    """Each cooking level's tw-make options build a playable game; a level's recipe needs as many ingredients as the
+    level says (1, 1, 2, 3) and its world the rooms (1, 6, 1, 9)."""
+    import dataclasses
+    import json
+
+    from lib.games import generate_games
+
+    spec = dataclasses.replace(GAME_SETS[f"cooking-{level}"][0], num_train=1)
+    (game,) = generate_games([spec], "train", games_cache, progress=False)
+    data = json.loads(Path(game).with_suffix(".json").read_text())
+    rooms = [name for name, info in data["infos"] if info["type"] == "r"]
+    assert len(rooms) == {1: 1, 2: 6, 3: 1, 4: 9}[level]
+    assert len(data["metadata"]["ingredients"]) == {1: 1, 2: 1, 3: 2, 4: 3}[level]
+
+
+def test_a_mixture_weighs_its_sources_and_the_eval_split_lists_each_game_once(tiny_games, small_games, games_cache):
+    from lib.games import mixture
+
+    coin = "tw-coin_collector:level=2:n=2"
+    games = resolve_games(f"tiny@3,{coin}@1", "train", games_cache, progress=False)
+    counts = {game: games.count(game) for game in games}
+    assert sum(counts[game] for game in tiny_games) == 3 * sum(counts[game] for game in small_games[:2])
+    assert set(games) == set(tiny_games) | set(small_games[:2])
+    assert len(set(counts[game] for game in tiny_games)) == 1  # each game of a source equally often
+    held_out = resolve_games(f"tiny@3,{coin}@1", "eval", games_cache, progress=False)
+    assert len(held_out) == len(set(held_out)) == 4
+    # Unequal sizes: the weights hold per source, not per game, and every game appears.
+    parts = mixture([(["a", "b", "c", "d", "e"], 1.0), (["x"], 1.0)])
+    assert sorted(set(parts)) == ["a", "b", "c", "d", "e", "x"] and parts.count("x") == 5
+    assert mixture([(["a"], 2.5), (["x", "y"], 1.0)]).count("a") == 5
+
+
+@pytest.mark.parametrize("source", ["tiny@0", "tiny@-1", "tiny@x", "@2", "tiny@inf"])
+def test_bad_mixture_weights_are_named(source):
+    with pytest.raises(GameError, match="bad mixture weight"):
+        check_game_source(source)
+
+
+def test_curriculum_stages():
+    from lib.games import stages
+
+    assert stages("tiny") == ["tiny"]
+    assert stages("tiny > tw-coin_collector:level=2:n=2@2,coin") == ["tiny", "tw-coin_collector:level=2:n=2@2,coin"]
+    with pytest.raises(GameError, match="empty curriculum stage"):
+        stages("tiny > ")
+    with pytest.raises(GameError, match="curriculum stages"):
+        resolve_games("tiny > coin", "train")

@@ -105,6 +105,11 @@ BAD_FLAGS = [
     (["--value_warmup_iterations=-1"], "--value_warmup_iterations"),
     (["--advantage_estimator", "grpo", "--group_size", "2", "--value_learning_rate", "1e-4"], "--value_learning_rate"),
     (["--advantage_estimator", "gigpo", "--group_size", "2", "--value_warmup_iterations", "1"], "--value_warmup_iterations"),
+    (["--curriculum_threshold", "1.5"], "--curriculum_threshold"),
+    (["--curriculum_window", "0"], "--curriculum_window"),
+    (["--train_games", "tiny > "], "--train_games"),
+    (["--train_games", "tiny > tw-nope:level=1"], "--train_games"),
+    (["--train_games", "tiny@0"], "--train_games"),
 ]
 
 
@@ -281,6 +286,38 @@ def test_end_to_end_train_checkpoint_and_resume(tiny_model_path, tiny_games, tmp
     dataset = load_rollouts(output)
     assert dataset.num_rows == 2 * 2 * 3 and sorted(set(dataset["iteration"])) == [1, 2, 3]
     assert max(kl for kl, iteration in zip(dataset["kl"], dataset["iteration"]) if iteration == 3) > 1e-6
+
+
+def test_a_curriculum_moves_on_when_its_stage_is_won_and_a_resume_stays_there(tiny_model_path, tiny_games,
+                                                                              small_games, games_cache, tmp_path):
+    """Stage 1 (the tiny games) until the win rate of its last 2 training episodes reaches 0 (at once), then stage 2
+    (level-2 coin collectors) from iteration 2 on; a run resumed from there plays stage 2 in iteration 3."""
+    output = tmp_path / "ppo"
+    coin = "tw-coin_collector:level=2:n=2"
+    flags = {"train_games": f"{','.join(tiny_games)} > {coin}", "curriculum_threshold": 0.0, "curriculum_window": 2,
+             "max_episode_turns": 2, "report_to": "tensorboard", "action_mode": "score", "max_candidates": 3,
+             "games_dir": games_cache, "eval_episodes": 0}
+    log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, **flags))
+    assert "curriculum: stage 2 of 2 from iteration 2" in log
+    state = json.loads((output / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["curriculum"]["stage"] == 1 and len(state["curriculum"]["wins"]) == 2  # stage 2's record
+    run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=3, resume_from_checkpoint="latest",
+                             **flags))
+    dataset = load_rollouts(output)
+    games = {iteration: {game for game, i in zip(dataset["game"], dataset["iteration"]) if i == iteration}
+             for iteration in (1, 2, 3)}
+    assert games[1] <= set(tiny_games)
+    assert games[2] and games[3] and games[2] | games[3] <= set(small_games[:2])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logged = sorted((output / "runs").rglob("events.out.tfevents*"))
+    stages_logged = []
+    for path in logged:
+        events = EventAccumulator(str(path))
+        events.Reload()
+        if "charts/curriculum/stage" in events.Tags()["scalars"]:
+            stages_logged += [(e.step, e.value) for e in events.Scalars("charts/curriculum/stage")]
+    assert sorted(stages_logged) == [(1, 1.0), (2, 2.0), (3, 2.0)]
 
 
 def test_two_process_deepspeed_zero2_on_cpu(tiny_model_path, tiny_games, tmp_path):

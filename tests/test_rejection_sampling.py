@@ -191,6 +191,7 @@ BAD_FLAGS = [
     (["--eval_games", "/no/such/games"], "--eval_games"),
     (["--resume_from_checkpoint", "latest"], "--resume_from_checkpoint"),
     (["--action_mode", "beam"], "--action_mode"),
+    (["--train_games", "tiny > default"], "curriculum stages"),
 ]
 
 

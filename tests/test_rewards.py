@@ -1,7 +1,16 @@
 import pytest
 
 from lib.env import GameState, StepResult
-from lib.rewards import REWARD_NAMES, RewardConfig, compute_reward, parse_reward_names, state_unchanged
+from lib.prompts import Turn
+from lib.rewards import (
+    REWARD_NAMES,
+    RewardConfig,
+    TurnOutcome,
+    compute_reward,
+    parse_reward_names,
+    reward_chain,
+    state_unchanged,
+)
 
 
 def state(observation="You are in a room.", score=0, won=False, lost=False, inventory="", steps=1):
@@ -25,7 +34,8 @@ def test_every_component_and_the_total():
     won = state("You take the coin. You win!", score=1, won=True, inventory="a coin")
     parts = compute_reward(step("take the coin", 1.0, won, terminated=True), "take the coin", ALL, before=state())
     assert parts == pytest.approx({
-        "score": 2.0, "win": 5.0, "lose": 0.0, "living": -0.5, "invalid": 0.0, "letter_e": 0.2, "total": 6.7,
+        "score": 2.0, "win": 5.0, "lose": 0.0, "living": -0.5, "invalid": 0.0, "revisit": 0.0, "letter_e": 0.2,
+        "total": 6.7,
     })
 
 
@@ -71,3 +81,19 @@ def test_reward_names_are_parsed_and_checked():
         RewardConfig(("score", "bonus"))
     with pytest.raises(ValueError, match="none given"):
         RewardConfig(())
+
+
+def test_revisit_penalizes_an_observation_already_seen_in_the_episode():
+    """Back into the cellar (seen two turns ago, as the history's cleaned observation) costs revisit_penalty; a new
+    room, or the game's header lines around a new text, do not; a crash is not the command's fault."""
+    config = RewardConfig(("revisit",), revisit_penalty=0.3)
+    cellar, attic, kitchen = "-= Cellar =-\nA dark cellar.", "-= Attic =-\nA dusty attic.", "-= Kitchen =-\nA kitchen."
+    history = [Turn("A dark cellar.", "go up")]
+    back = TurnOutcome(state(attic), "go down", step("go down", after=state(cellar)), history)
+    onward = TurnOutcome(state(attic), "go east", step("go east", after=state(kitchen)), history)
+    stay = TurnOutcome(state(attic), "look", step("look", after=state(attic)), history)
+    crashed = TurnOutcome(state(attic), "go down", step("go down", after=state(cellar), crashed=True), history)
+    assert reward_chain(config)(back) == -0.3
+    assert reward_chain(config)(onward) == 0.0
+    assert reward_chain(config)(stay) == -0.3  # the state before counts as seen
+    assert reward_chain(config)(crashed) == 0.0
