@@ -199,7 +199,9 @@ def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 3
 def stop_and_wait(process: subprocess.Popen, signal_number: int, seed: int) -> list[psutil.Process]:
     """After a random delay, send the signal to the script's own process (as `kill` does, not to its group) and wait
     for it to end; returns the processes it had started (its game processes among them)."""
-    time.sleep(random.Random(seed).uniform(0.0, 1.5))
+    # Within the next iteration or round of a tiny trainer run (about 0.35 s on a quiet 2-core machine): a longer
+    # delay could reach the end of the run.
+    time.sleep(random.Random(seed).uniform(0.0, 0.25))
     assert process.poll() is None, "the script finished before the signal: nothing to stop"
     descendants = psutil.Process(process.pid).children(recursive=True)
     process.send_signal(signal_number)
