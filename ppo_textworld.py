@@ -108,7 +108,7 @@ from lib.losses import (
     turn_gae,
     whiten_with_stats,
 )
-from lib.models import freeze_lower_layers, resolve_model
+from lib.models import resolve_model
 from lib.rewards import reward_chain
 from lib.rollout import RolloutCollector, ScoringRolloutCollector, Transition, load_rollouts, rollout_rows, save_rollouts
 from lib.scoring import pad_rows, policy_logprobs, score_candidates
@@ -120,8 +120,7 @@ from lib.training import (
     TrainingRun,
     backward_and_step,
     build_optimizer,
-    frozen_copy,
-    load_policy_or_exit,
+    load_models_or_exit,
     main_or_exit,
     model_card,
     parse_or_exit,
@@ -615,9 +614,7 @@ def main(argv: list[str]) -> None:
     started = time.time()
     # Models: policy + value head as one module (no value head without gae); the reference is a frozen copy of the
     # starting policy.
-    tokenizer, policy = load_policy_or_exit(run, prompt_config(rollout_args))
-    ref_model = frozen_copy(policy)
-    freeze_lower_layers(policy, run.trainable_layers_fraction)
+    tokenizer, policy, ref_model = load_models_or_exit(run, prompt_config(rollout_args), with_reference=True)
     with_critic = ppo.advantage_estimator == "gae"
     value_head = build_value_head(policy, run.model_name_or_path, value_head_args) if with_critic else None
     model = PolicyWithValue(policy, None if value_head is None else value_head.to(policy.dtype))

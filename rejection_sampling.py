@@ -56,7 +56,6 @@ from lib.arguments import (
 from lib.evaluation import merge_reports
 from lib.games import stages
 from lib.losses import KL_DIRECTIONS, exact_kl, masked_sum, sft_loss
-from lib.models import freeze_lower_layers
 from lib.prompts import answer_text
 from lib.rewards import reward_chain
 from lib.rollout import load_rollouts, play_episodes, save_rollouts
@@ -68,9 +67,8 @@ from lib.training import (
     TrainingRun,
     backward_and_step,
     build_optimizer,
-    frozen_copy,
     gathered_for_evaluation,
-    load_policy_or_exit,
+    load_models_or_exit,
     main_or_exit,
     model_card,
     parse_or_exit,
@@ -222,9 +220,8 @@ def main(argv: list[str]) -> None:
     )
     started = time.time()
     # The reference is built only when a KL term needs it (it costs a model's memory).
-    tokenizer, model = load_policy_or_exit(run, prompt_config(rollout_args))
-    ref_model = frozen_copy(model) if finetune.kl_coef > 0 or rules.rank_kl_coef > 0 else None
-    freeze_lower_layers(model, run.trainable_layers_fraction)
+    tokenizer, model, ref_model = load_models_or_exit(run, prompt_config(rollout_args),
+                                                      with_reference=finetune.kl_coef > 0 or rules.rank_kl_coef > 0)
 
     training = TrainingRun(run, arguments, resume_folder, "round", finetune.gradient_accumulation_steps, started)
     accelerator, device, pad_id = training.accelerator, training.accelerator.device, tokenizer.pad_token_id

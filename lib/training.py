@@ -4,7 +4,7 @@ game sets, resuming, held-out evaluation over all processes, the guarded optimiz
 checkpoints (written whole or not at all), the final model and the closing summary. A script keeps its algorithm:
 what it collects, how it turns that into a loss, and its own flags.
 
-A script's life: `parse_or_exit` (flags, checks, the checkpoint to resume), `load_policy_or_exit`, its own model
+A script's life: `parse_or_exit` (flags, checks, the checkpoint to resume), `load_models_or_exit`, its own model
 pieces, `training = TrainingRun(...)` (accelerator, games, trainer state), its optimizer, `training.prepare` /
 `training.resume`, `training.evaluate_baselines`, then its loop with `training.evaluate_held_out`, `training.log`,
 `training.save_checkpoint`, and `training.finish`; `main_or_exit(main)` runs it.
@@ -60,6 +60,7 @@ from lib.models import (
     DTYPES,
     ModelError,
     fit_tokenizer_to_model,
+    freeze_lower_layers,
     load_model,
     load_tokenizer,
     newest_checkpoint,
@@ -212,18 +213,22 @@ def check_run_paths(run: RunArguments) -> None:
     check_games_dir(run.games_dir, sources)
 
 
-def load_policy_or_exit(run: RunArguments, prompts: PromptConfig):
-    """(tokenizer, policy on the CPU): seeded first, so that what the script builds next starts the same each run.
-    The prompt budget is checked with the tokenizer, before the (much slower) model loads."""
+def load_models_or_exit(run: RunArguments, prompts: PromptConfig, with_reference: bool):
+    """(tokenizer, policy on the CPU with only its last --trainable_layers_fraction trainable, the reference or
+    None): seeded first, so that what the script builds next starts the same each run. The prompt budget is checked
+    with the tokenizer, before the (much slower) model loads; the reference (`frozen_copy` of the starting policy)
+    is made here, before the TrainingRun, as it must be."""
     set_seed(run.seed)
     try:
         tokenizer = load_tokenizer(run.model_name_or_path, run.trust_remote_code)
         check_prompt_budget(prompts, tokenizer)
         policy = load_model(run.model_name_or_path, run.dtype, "cpu", run.trust_remote_code)
         fit_tokenizer_to_model(tokenizer, policy)
-        return tokenizer, policy
     except ValueError as error:  # lib.models.ModelError, or a budget too small
         sys.exit(f"error: {error}")
+    reference = frozen_copy(policy) if with_reference else None
+    freeze_lower_layers(policy, run.trainable_layers_fraction)
+    return tokenizer, policy, reference
 
 
 def frozen_copy(model):
