@@ -163,7 +163,6 @@ class RolloutCollector:
     ):
         """`max_context_tokens`: play with --context episode (lib/streams.py) within that many tokens per stream;
         None: --context window, a prompt built per turn."""
-        self.env = env
         self.tokenizer = tokenizer
         self.prompt_config = prompt_config
         self.generation_config = generation_config
@@ -172,9 +171,7 @@ class RolloutCollector:
             env.num_envs, prompt_config, tokenizer, max_context_tokens, with_reference=True)
         self.generate_kwargs = generate_kwargs or {}
         self.autocast = autocast
-        self.states: list[GameState | None] = env.reset()
-        self.histories: list[list[Turn]] = [[] for _ in self.states]
-        self.returns = [0.0 for _ in self.states]
+        self.use_env(env)  # the slots' states, histories and running returns
 
     def use_env(self, env: BatchEnv) -> None:
         """Play `env`'s games from now on (a curriculum's next stage): every slot starts a new episode there."""
