@@ -26,12 +26,12 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lib.agents import RandomAgent  # noqa: E402
+from lib.agents import RandomAgent, candidate_commands  # noqa: E402
 from lib.env import BatchEnv  # noqa: E402
 from lib.games import default_cache_dir, resolve_games  # noqa: E402
 from lib.models import DEFAULT_MODEL, load_model, load_tokenizer  # noqa: E402
 from lib.prompts import PromptConfig, Turn, build_prompt, clean_observation  # noqa: E402
-from lib.scoring import candidate_logprobs, candidate_logprobs_naive, encode_candidates, select_candidates  # noqa: E402
+from lib.scoring import candidate_logprobs, candidate_logprobs_naive, encode_candidates  # noqa: E402
 
 
 @dataclass
@@ -66,7 +66,7 @@ def game_states(games: list[str], args: Args, prompt_config: PromptConfig, token
                      history, prompt_config, tokenizer)
         for s, history in zip(states, histories)
     ]
-    return prompts, [select_candidates(s.admissible_commands, args.max_candidates) for s in states]
+    return prompts, [candidate_commands(s, args.max_candidates) for s in states]
 
 
 def timed(score, *inputs) -> tuple[float, list[torch.Tensor]]:

@@ -20,6 +20,14 @@ from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
+
+
+def candidate_commands(state: GameState, max_candidates: int) -> list[str]:
+    """The commands score mode weighs in `state`: its admissible ones under the cap (lib.scoring.select_candidates,
+    relevance read from the objective, observation and inventory); a state without admissible commands still gets a
+    turn, with the harmless fallback as its one candidate."""
+    context = "\n".join((state.objective, state.observation, state.inventory))
+    return select_candidates(state.admissible_commands, max_candidates, context=context) or [FALLBACK_COMMAND]
 QUIT_COMMANDS = ("quit", "exit", "q")
 HELP_COMMAND = "help"
 
@@ -184,9 +192,7 @@ class ScoringAgent(Agent):
         if not active:
             return [None] * len(states)
         for slot in active:
-            # A state without admissible commands still gets a turn: the harmless fallback as its one candidate.
-            commands = select_candidates(states[slot].admissible_commands, config.max_candidates)
-            self.candidates[slot] = commands or [FALLBACK_COMMAND]
+            self.candidates[slot] = candidate_commands(states[slot], config.max_candidates)
         prompt_ids = [self.tokenizer(prompts[slot], add_special_tokens=False)["input_ids"] for slot in active]
         candidate_ids = encode_candidates([self.candidates[slot] for slot in active], self.prompt_config, self.tokenizer)
         with torch.no_grad():
@@ -245,7 +251,7 @@ class EpisodeScoringAgent(_EpisodeContextAgent, ScoringAgent):
         candidate_ids: list[list[list[int]] | None] = [None] * len(states)
         for slot, state in enumerate(states):
             if state is not None:
-                self.candidates[slot] = select_candidates(state.admissible_commands, config.max_candidates) or [FALLBACK_COMMAND]
+                self.candidates[slot] = candidate_commands(state, config.max_candidates)
                 candidate_ids[slot] = encode_candidates([self.candidates[slot]], self.prompt_config, self.tokenizer)[0]
         active = self._begin(states, lambda slot: max(map(len, candidate_ids[slot])))
         if not active:

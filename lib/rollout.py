@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from lib.agents import FALLBACK_COMMAND, Agent
+from lib.agents import Agent, candidate_commands
 from lib.engines import engine_of
 from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
@@ -84,7 +84,6 @@ from lib.scoring import (
     encode_candidates,
     policy_logprobs,
     score_candidates,
-    select_candidates,
 )
 from lib.sequences import score_sequences
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
@@ -380,10 +379,8 @@ class ScoringRolloutCollector(RolloutCollector):
         self.turn_candidates: dict[int, tuple[list[str], list[list[int]]]] = {}
 
     def candidates(self, slot: int) -> tuple[list[str], list[list[int]]]:
-        """The state's candidate commands and their answer ids; a state without admissible commands still gets a
-        turn, as ScoringAgent gives it: the harmless fallback."""
-        commands = select_candidates(self.states[slot].admissible_commands, self.scoring_config.max_candidates)
-        commands = commands or [FALLBACK_COMMAND]
+        """The state's candidate commands (lib.agents.candidate_commands) and their answer ids."""
+        commands = candidate_commands(self.states[slot], self.scoring_config.max_candidates)
         return commands, encode_candidates([commands], self.prompt_config, self.tokenizer)[0]
 
     def reply_room(self, slot: int) -> int:

@@ -7,10 +7,10 @@ from datasets import load_from_disk
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import play
-from lib.agents import ScoringAgent
+from lib.agents import ScoringAgent, candidate_commands
 from lib.env import GameState
 from lib.models import load_model, load_tokenizer
-from lib.prompts import PromptConfig, build_prompt
+from lib.prompts import EXAMINE_VERBS, PromptConfig, build_prompt
 from lib.scoring import (
     ScoringConfig,
     candidate_logprobs,
@@ -151,16 +151,33 @@ def test_scoring_needs_a_candidate_per_prompt(tiny):
         candidate_logprobs(model, [[1, 2], [3]], [[[4]], []], tokenizer.pad_token_id)
 
 
-def test_candidate_cap_drops_examine_commands_first_then_truncates():
+def test_candidate_cap_leaves_examine_commands_for_last():
     commands = ["close chest", "examine chest", "go east", "inventory", "look", "open chest", "take coin"]
     assert select_candidates(commands, 7) == commands
-    # Over the cap: examine/look/inventory leave from the end of the list first; the order is kept.
+    # Over the cap: examine/look/inventory get what the other verbs leave; the order is kept.
     assert select_candidates(commands, 6) == ["close chest", "examine chest", "go east", "inventory", "open chest",
                                               "take coin"]
     assert select_candidates(commands, 5) == ["close chest", "examine chest", "go east", "open chest", "take coin"]
     assert select_candidates(commands, 4) == ["close chest", "go east", "open chest", "take coin"]
-    # Still over without any examine command: the first ones are kept.
     assert select_candidates(commands, 2) == ["close chest", "go east"]
+
+
+def test_candidate_cap_takes_verbs_in_turn_the_mentioned_objects_first():
+    """A ScienceWorld-like list (alphabetical, one verb's combinations crowding the front): over the cap every verb
+    gets a turn, and within a verb the commands whose objects the state's text mentions come first, then the
+    shortest."""
+    commands = (["focus on air", "focus on dove", "focus on orange", "focus on picture"]
+                + ["go to bedroom", "go to kitchen"]
+                + [f"move {thing} to {place}" for thing in ("air", "dove", "orange") for place in ("red box", "sink")]
+                + ["look around", "look at dove"])
+    context = "Your task is to find a living thing, then move it to the red box in the kitchen. You see a dove."
+    kept = select_candidates(commands, 6, context=context)
+    assert kept == ["focus on air", "focus on dove", "go to bedroom", "go to kitchen", "move air to red box",
+                    "move dove to red box"]
+    # Without a text, the shortest of each verb in the game's order: still every verb.
+    assert select_candidates(commands, 3) == ["focus on air", "go to bedroom", "move air to sink"]
+    assert select_candidates(commands, 3, context="the kitchen sink") == ["focus on air", "go to kitchen",
+                                                                           "move air to sink"]
 
 
 def test_choose_candidate_greedy_and_sampled():
@@ -242,3 +259,22 @@ def test_play_score_mode_bad_flags(args, flag, tiny_games, monkeypatch, capsys):
     monkeypatch.setattr(play, "resolve_games", forbidden)
     assert play.main(args + ["--games", ",".join(tiny_games)]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_candidate_cap_on_real_scienceworld_states_gives_every_verb_a_turn():
+    """ScienceWorld lists 100-1000 valid actions alphabetically: the kept 32 must span every verb that acts (fewer
+    than 32 here), not the first verbs of the alphabet (those would be close, eat, focus and go only)."""
+    from lib.engines import ScienceEngine
+
+    engine = ScienceEngine()
+    try:
+        answers = [engine.reset("sciworld:find-living-thing:0:easy"), engine.step("go to greenhouse")]
+    finally:
+        engine.close()
+    for answer in answers:
+        state = GameState("g", 0, answer["observation"], 0.0, 1.0, 0, False, False, answer["admissible_commands"],
+                          answer["objective"], answer["inventory"], None)
+        kept = candidate_commands(state, 32)
+        verbs = {command.split(" ")[0] for command in state.admissible_commands} - set(EXAMINE_VERBS)
+        assert len(state.admissible_commands) > 100 and len(kept) == 32
+        assert {command.split(" ")[0] for command in kept} >= verbs
