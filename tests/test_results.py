@@ -41,6 +41,21 @@ def test_table_reads_reports_and_trainer_states(tmp_path, monkeypatch):
     assert (tmp_path / "docs/curves_default.png").stat().st_size > 0
 
 
+def test_table_keeps_the_rows_of_experiments_without_outputs_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    earlier = [{"set": "default", "name": name, "method": name, "command": f"old {name}", "wall_time_s": 60,
+                "machine": "m", "env_steps": 0, "curve": [], "normalized_score": score, "win_rate": score,
+                "invalid_rate": 0.0} for name, score in (("walkthrough", 1.0), ("random", 0.9))]
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs/results.json").write_text(json.dumps(earlier))
+    write_run(tmp_path, "random", 60, report={"normalized_score": 0.25, "win_rate": 0.25, "invalid_rate": 0.0})
+    results.table(tmp_path / "docs")
+    rows = {row["name"]: row for row in json.loads((tmp_path / "docs/results.json").read_text())}
+    assert rows["walkthrough"]["command"] == "old walkthrough"  # not rerun: kept
+    assert rows["random"]["normalized_score"] == 0.25  # rerun: its new outputs win
+    assert list(rows) == ["random", "walkthrough"]  # in the experiments' order
+
+
 def test_unknown_experiment_is_named():
     with pytest.raises(SystemExit, match="unknown experiment 'default/nope'"):
         results.selected(["default/nope"])
