@@ -96,7 +96,7 @@ PLAY_OUTPUTS = (REPORT_FILE, TRANSCRIPTS_DIR)  # what --output_dir gets; never a
 # sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
 TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
                      "length_normalize", "prompt_format", "action_mode", "max_new_tokens", "context",
-                     "max_context_tokens")
+                     "max_context_tokens", "mark_tried")
 FROM_COMMAND_LINE, FROM_DEFAULT = "command line", "default"
 
 
@@ -173,6 +173,10 @@ class Args:
     max_prompt_tokens: int = field(
         default=PromptConfig.max_prompt_tokens, metadata={"help": "prompt length cap in tokens"}
     )
+    mark_tried: bool = field(
+        default=PromptConfig.mark_tried,
+        metadata={"help": "say in the prompt which commands the episode already played from the same observation"},
+    )
     context: str = field(
         default=RolloutArguments.context,
         metadata={"help": f"what the model reads each turn: {' or '.join(CONTEXTS)} (a prompt per turn, or the "
@@ -211,7 +215,7 @@ def fields_given(argv: list[str]) -> set[str]:
 
 def prompt_config(args: Args) -> PromptConfig:
     return PromptConfig(args.prompt_format, args.memory_turns, args.hint, args.hint_examine, args.num_examples,
-                        args.max_prompt_tokens)
+                        args.max_prompt_tokens, args.mark_tried)
 
 
 def generation_config(args: Args) -> GenerationConfig:
@@ -275,6 +279,9 @@ def check_play_settings(args: Args) -> None:
     if args.context == "episode" and args.max_context_tokens < 2 * args.max_prompt_tokens:
         raise ValueError(f"--max_context_tokens {args.max_context_tokens} must be at least twice --max_prompt_tokens "
                          f"({args.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns")
+    if args.context == "episode" and args.mark_tried:
+        raise ValueError("--mark_tried is for --context window: with --context episode the model reads the whole "
+                         "episode already; drop one of the two")
     try:
         prompt_config(args)
         generation_config(args)

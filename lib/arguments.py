@@ -27,7 +27,7 @@ class RolloutArguments:
     # score, not generate: at the default budget on a CPU only scoring beats the random-admissible baseline
     # (README "Results"); generate mode spends its first iterations learning to write a command at all.
     action_mode: str = field(default="score", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
-    max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (examine/look/inventory are dropped first)."})
+    max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (over it: verbs in turn, the objects the state's text mentions first; examine/look/inventory last)."})
     length_normalize: bool = field(default=ScoringConfig.length_normalize, metadata={"help": "Score mode: a command's score is the mean of its tokens' log-probs instead of the sum."})
     max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
@@ -38,6 +38,7 @@ class RolloutArguments:
     memory_turns: int = field(default=1, metadata={"help": "Past turns of the episode shown in the prompt."})
     hint: bool = field(default=True, metadata={"help": "List the admissible commands in the prompt."})
     hint_examine: bool = field(default=False, metadata={"help": "Keep examine/look/inventory in the hint list."})
+    mark_tried: bool = field(default=False, metadata={"help": "Say in the prompt which commands the episode already played from the same observation (window context)."})
     num_examples: int = field(default=PromptConfig.num_examples, metadata={"help": "Generic example turns in the prompt (SmolLM2 answers in prose without them)."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Prompt token budget (memory, then observation, are cut)."})
     context: str = field(default="window", metadata={"help": f"What the policy reads each turn: {' or '.join(CONTEXTS)} (a prompt built per turn, or the episode's conversation as one growing token stream with a KV cache, lib/streams.py)."})
@@ -67,7 +68,7 @@ def scoring_config(rollout: RolloutArguments, greedy: bool = False) -> ScoringCo
 def prompt_config(rollout: RolloutArguments) -> PromptConfig:
     return PromptConfig(
         rollout.prompt_format, rollout.memory_turns, rollout.hint, rollout.hint_examine, rollout.num_examples,
-        rollout.max_prompt_tokens,
+        rollout.max_prompt_tokens, rollout.mark_tried,
     )
 
 
@@ -88,6 +89,9 @@ def check_rollout_arguments(rollout: RolloutArguments) -> None:
             f"--max_context_tokens {rollout.max_context_tokens} must be at least twice --max_prompt_tokens "
             f"({rollout.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns after it"
         )
+    if rollout.context == "episode" and rollout.mark_tried:
+        raise ValueError("--mark_tried is for --context window: with --context episode the policy reads the whole "
+                         "episode already; drop one of the two")
     if rollout.action_mode == "score":
         try:
             scoring_config(rollout)

@@ -5,7 +5,9 @@ Two prompt formats (`--prompt_format`):
     tokenizer has no template.
   - `plain`: a transcript that ends in "> ", the way the games print their own prompt.
 Both hold the objective, the cleaned observation, the inventory (unless empty), the last `memory_turns` turns, an
-optional hint listing the admissible commands and optional example turns. When the prompt is longer than the token
+optional hint listing the admissible commands, optional example turns and, with `mark_tried`, the commands already
+played in this episode from the same observation ("Already tried here: ...": the memory of what was tried that a
+greedy policy needs to stop going round in circles, however few turns the prompt shows). When the prompt is longer than the token
 budget the oldest memory goes first, then the examples, then the hint's last commands (a kitchen can list more
 commands than the budget holds; the game still accepts them), then the observation's tail.
 
@@ -97,6 +99,7 @@ class PromptConfig:
     # Zero-shot SmolLM2-135M answers in prose without examples (every command invalid) and in commands with two.
     num_examples: int = 2
     max_prompt_tokens: int = 256
+    mark_tried: bool = False  # say which commands the episode already played from this same observation
 
     def __post_init__(self):
         if self.format not in PROMPT_FORMATS:
@@ -115,11 +118,19 @@ class Turn:
     command: str
 
 
-def current_message(observation: str, inventory: str, admissible_commands: list[str], config: PromptConfig) -> str:
+def tried_here(observation: str, history: list[Turn]) -> list[str]:
+    """The commands the episode's earlier turns played from this same (cleaned) observation, first played first."""
+    return list(dict.fromkeys(turn.command for turn in history if turn.observation == observation))
+
+
+def current_message(observation: str, inventory: str, admissible_commands: list[str], config: PromptConfig,
+                    tried: list[str] = ()) -> str:
     parts = [observation or "(nothing happens)"]
     inventory = clean_inventory(inventory)
     if inventory:
         parts.append(f"Inventory: {inventory}")
+    if tried:
+        parts.append("Already tried here: " + ", ".join(tried))
     if config.hint:
         commands = hint_commands(admissible_commands, config.hint_examine)
         if commands:
@@ -188,13 +199,14 @@ def build_prompt(
 def _fit_prompt(objective, observation, inventory, admissible_commands, history, config, tokenizer, budget: int):
     """The prompt cut to `budget` tokens as far as memory, examples, hint and observation go, and its length (over
     `budget` when what cannot be cut is)."""
+    tried = tried_here(observation, history) if config.mark_tried else []  # from the whole episode, before the cut
     history = history[-config.memory_turns :] if config.memory_turns else []
     examples = EXAMPLE_TURNS[: config.num_examples]
 
     def length(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    message = current_message(observation, inventory, admissible_commands, config)
+    message = current_message(observation, inventory, admissible_commands, config, tried)
     prompt = render(objective, message, history, examples, config, tokenizer)
     while length(prompt) > budget and (history or examples):
         if history:
@@ -207,7 +219,7 @@ def _fit_prompt(objective, observation, inventory, admissible_commands, history,
     if excess > 0 and config.hint:
         # The most commands that fit (binary search over how many of the first ones the hint lists), or none.
         def fits(count: int) -> bool:
-            text = render(objective, current_message(observation, inventory, hinted[:count], config), history,
+            text = render(objective, current_message(observation, inventory, hinted[:count], config, tried), history,
                           examples, config, tokenizer)
             return length(text) <= budget
 
@@ -216,14 +228,14 @@ def _fit_prompt(objective, observation, inventory, admissible_commands, history,
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
         hinted = hinted[:low]
-        message = current_message(observation, inventory, hinted, config)
+        message = current_message(observation, inventory, hinted, config, tried)
         prompt = render(objective, message, history, examples, config, tokenizer)
         excess = length(prompt) - budget
     while excess > 0 and observation:
         # Still too long: keep the observation's beginning (it names the room and what is in it).
         ids = tokenizer(observation, add_special_tokens=False)["input_ids"]
         observation = tokenizer.decode(ids[: max(0, len(ids) - excess - 4)])
-        message = current_message(observation, inventory, hinted, config)
+        message = current_message(observation, inventory, hinted, config, tried)
         prompt = render(objective, message, history, examples, config, tokenizer)
         excess = length(prompt) - budget
     return prompt, budget + excess

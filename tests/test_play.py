@@ -326,6 +326,7 @@ def test_play_human_agent(tiny_games, tmp_path, monkeypatch, capsys):
         (["--agent", "model", "--model_name_or_path", "{missing_dir}"], "--model_name_or_path"),
         (["--agent", "model", "--dtype", "int3"], "--dtype"),
         (["--max_prompt_tokens", "8"], "max_prompt_tokens"),
+        (["--context", "episode", "--mark_tried"], "--mark_tried"),
         (["{missing_yaml}"], "config file not found"),
     ],
 )

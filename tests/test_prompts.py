@@ -251,3 +251,46 @@ def test_play_model_agent_plays_a_game_whose_goal_is_over_the_budget(tiny_model_
     transcripts = load_from_disk(str(out / "transcripts"))
     assert transcripts["turn"] == [1, 2, 3] and all(state.objective in prompt for prompt in transcripts["prompt"])
     assert capsys.readouterr().err.count("warning: a game's goal") == 1
+
+
+def test_mark_tried_names_the_commands_played_from_the_same_observation(tokenizer):
+    """From the whole episode, not only the turns the memory shows; other observations' commands are not named."""
+    room, hallway = "You are in a kitchen. Exits lead east and west.", "You are in a hallway."
+    episode = [Turn(room, "go east"), Turn(hallway, "go west"), Turn(room, "go west"), Turn(hallway, "take key"),
+               Turn(room, "go east")]
+    config = PromptConfig(format="plain", memory_turns=1, max_prompt_tokens=2048, mark_tried=True)
+    prompt = build_prompt(OBJECTIVE, room, "", ADMISSIBLE, episode, config, tokenizer)
+    assert "Already tried here: go east, go west\n" in prompt
+    assert "take key" not in prompt.split("Already tried here:")[1]
+    assert "Already tried" not in build_prompt(OBJECTIVE, "A cellar.", "", ADMISSIBLE, episode, config, tokenizer)
+    unmarked = PromptConfig(format="plain", memory_turns=1, max_prompt_tokens=2048)
+    assert "Already tried" not in build_prompt(OBJECTIVE, room, "", ADMISSIBLE, episode, unmarked, tokenizer)
+    # Under a budget that leaves room for neither memory nor hint, both go and what was tried stays.
+    bare = PromptConfig(format="plain", memory_turns=0, hint=False, num_examples=0, max_prompt_tokens=2048,
+                        mark_tried=True)
+    tight = PromptConfig(format="plain", memory_turns=1, num_examples=0, mark_tried=True,
+                         max_prompt_tokens=length(tokenizer, build_prompt(OBJECTIVE, room, "", ADMISSIBLE, episode, bare,
+                                                                          tokenizer)) + 2)
+    cut = build_prompt(OBJECTIVE, room, "", ADMISSIBLE, episode, tight, tokenizer)
+    assert "Already tried here: go east, go west\n" in cut and "take key" not in cut and "Possible" not in cut
+
+
+def test_play_with_mark_tried_shows_each_turn_the_commands_its_episode_tried_there(tiny_model_path, tiny_games,
+                                                                                   tmp_path):
+    out = tmp_path / "play"
+    code = play.main(["--agent", "model", "--model_name_or_path", tiny_model_path, "--games", tiny_games[0],
+                      "--num_episodes", "2", "--max_episode_turns", "8", "--mark_tried", "--output_dir", str(out)])
+    assert code == 0
+    rows = load_from_disk(str(out / "transcripts")).to_list()
+    # The observation a turn was played from: the one its episode's previous turn got, cleaned (the first turn's, the
+    # game's opening text, is like no later one).
+    played_from = {(row["episode"], row["turn"] + 1): clean_observation(row["observation"]) for row in rows}
+    marked = 0
+    for row in rows:
+        here = played_from.get((row["episode"], row["turn"]))
+        earlier = [r for r in rows if r["episode"] == row["episode"] and r["turn"] < row["turn"]]
+        expected = list(dict.fromkeys(r["command"] for r in earlier
+                                      if here is not None and played_from.get((r["episode"], r["turn"])) == here))
+        assert ("Already tried here: " + ", ".join(expected) + "\n" in row["prompt"]) == bool(expected)
+        marked += bool(expected)
+    assert marked  # the tiny model goes back to where it was
