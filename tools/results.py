@@ -41,6 +41,10 @@ EVAL = {
     # The other engines' sets (README "TextWorldExpress and ScienceWorld"): one eval episode per held-out game.
     "twx": "--games twx --num_episodes 32 --max_episode_turns 20",
     "sciworld-easy": "--games sciworld-easy --num_episodes 16 --max_episode_turns 20",
+    # The game kinds of issue 15 (lib/games.py's sets): each held-out game once, up to 50 turns, greedy.
+    "hunts-easy": "--games hunts-easy --num_episodes 40 --max_episode_turns 50",
+    "hunts-hard": "--games hunts-hard --num_episodes 24 --max_episode_turns 50",
+    "cooking-levels": "--games cooking-levels --num_episodes 16 --max_episode_turns 50",
 }
 # set -> name -> (command with {out} for the output folder, experiment it starts from or None, label)
 EXPERIMENTS = {
@@ -95,6 +99,21 @@ def engine_experiments(game_set: str) -> dict:
 
 
 EXPERIMENTS.update({game_set: engine_experiments(game_set) for game_set in ("twx", "sciworld-easy")})
+
+
+def kind_baselines(game_set: str) -> dict:
+    """A game kind's baselines: the random agent, the walkthrough and the zero-shot model on its eval split."""
+    play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
+    return {
+        "random": (play.replace("play.py", "play.py --agent random"), None, "random admissible"),
+        "walkthrough": (play.replace("play.py", "play.py --agent walkthrough"), None, "walkthrough"),
+        "zero_shot_score": (play, None, "zero-shot SmolLM2-135M, score"),
+    }
+
+
+EXPERIMENTS.update({game_set: kind_baselines(game_set) for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
+EXPERIMENTS["hunts-easy"]["ppo_score"] = ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
+                                          "PPO, score, --mark_tried, revisit reward")
 
 
 def selected(names: list[str]) -> list[tuple[str, str]]:
