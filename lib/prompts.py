@@ -8,8 +8,9 @@ Both hold the objective, the cleaned observation, the inventory (unless empty), 
 optional hint listing the admissible commands, optional example turns and, with `mark_tried`, the commands already
 played in this episode from the same observation ("Already tried here: ...": the memory of what was tried that a
 greedy policy needs to stop going round in circles, however few turns the prompt shows). When the prompt is longer than the token
-budget the oldest memory goes first, then the examples, then the hint's last commands (a kitchen can list more
-commands than the budget holds; the game still accepts them), then the observation's tail.
+budget the oldest memory goes first, then the examples, then the hint's commands that `by_priority` puts last (a
+kitchen can list more commands than the budget holds, ScienceWorld a thousand; the game still accepts them; the kept
+ones stay in the game's order), then the observation's tail.
 
 What cannot be cut: the instruction, the game's goal, the inventory and the question. When they alone exceed
 `max_prompt_tokens` (a long goal: tw-coin_collector or tw-treasure_hunter at level 10 and more spell out a long
@@ -23,6 +24,7 @@ model's config), else FALLBACK_CONTEXT_TOKENS: a tokenizer that knows none holds
 import re
 import sys
 from dataclasses import dataclass
+from itertools import chain, zip_longest
 
 PROMPT_FORMATS = ("chat", "plain")
 
@@ -39,6 +41,8 @@ EXAMPLE_TURNS = [
 
 # Commands that only look around; the hint leaves them out by default so the list points at progress.
 EXAMINE_VERBS = ("examine", "look", "inventory")
+# Words that say nothing of which object a command acts on: by_priority's relevance ignores them.
+COMMON_WORDS = {"a", "an", "the", "to", "on", "in", "into", "at", "of", "from", "with", "up", "around", "door"}
 
 OBSERVATION_TOKENS = 64  # what a grown budget leaves for the observation (and the hint) beyond the fixed part
 ANSWER_TOKENS = 64  # what the context keeps for the answer (a command: a few tokens; --max_new_tokens default 10)
@@ -79,6 +83,35 @@ def hint_commands(admissible_commands: list[str], include_examine: bool = False)
     if include_examine:
         return list(admissible_commands)
     return [c for c in admissible_commands if c.split(" ")[0] not in EXAMINE_VERBS]
+
+
+def by_priority(commands: list[str], *, context: str = "") -> list[str]:
+    """`commands` in the order a cap keeps them (score mode's candidates, a hint over the budget): verb by verb in
+    turn (a `go`, a `take`, an `open`, ..., then a second of each), each verb's commands by how many of their words
+    `context` (the state's text) mentions, then fewest words first; the verbs that only look around after all others.
+    Why: engines list commands alphabetically and combinatorially (ScienceWorld: 100-1000 a state, hundreds of
+    `move X to Y`), so a list's first commands hold one or two verbs only."""
+    mentioned = content_words(context)
+
+    def relevance(command: str) -> tuple[int, int]:  # the most mentioned, then the shortest, first
+        return -len(content_words(command.partition(" ")[2]) & mentioned), len(command.split())
+
+    acting, looking = {}, {}
+    for command in commands:
+        verb = command.split(" ")[0]
+        (looking if verb in EXAMINE_VERBS else acting).setdefault(verb, []).append(command)
+    return [command for groups in (acting, looking)
+            for command in in_turn([sorted(group, key=relevance) for group in groups.values()])]
+
+
+def content_words(text: str) -> set[str]:
+    """The lowercase words of `text` but the ones every command shares (to, on, in, the, door, ...)."""
+    return set(re.findall(r"[a-z]+", text.lower())) - COMMON_WORDS
+
+
+def in_turn(groups: list[list[str]]) -> list[str]:
+    """Every item: the first of each group in turn, then the second of each, and so on."""
+    return [item for item in chain.from_iterable(zip_longest(*groups)) if item is not None]
 
 
 def parse_command(text: str) -> str:
@@ -217,17 +250,23 @@ def _fit_prompt(objective, observation, inventory, admissible_commands, history,
     excess = length(prompt) - budget
     hinted = list(admissible_commands)
     if excess > 0 and config.hint:
-        # The most commands that fit (binary search over how many of the first ones the hint lists), or none.
+        # The most commands that fit, by priority (binary search over how many of the first ones), or none.
+        ranked = by_priority(admissible_commands, context=f"{objective}\n{observation}\n{inventory}")
+
+        def listed(count: int) -> list[str]:
+            kept = set(ranked[:count])
+            return [command for command in admissible_commands if command in kept]
+
         def fits(count: int) -> bool:
-            text = render(objective, current_message(observation, inventory, hinted[:count], config, tried), history,
+            text = render(objective, current_message(observation, inventory, listed(count), config, tried), history,
                           examples, config, tokenizer)
             return length(text) <= budget
 
-        low, high = 0, len(hinted)  # fits(high) is False
+        low, high = 0, len(ranked)  # fits(high) is False
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (middle, high) if fits(middle) else (low, middle)
-        hinted = hinted[:low]
+        hinted = listed(low)
         message = current_message(observation, inventory, hinted, config, tried)
         prompt = render(objective, message, history, examples, config, tokenizer)
         excess = length(prompt) - budget

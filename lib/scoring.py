@@ -21,16 +21,12 @@ what a gradient pass (PPO's update) uses. With a value
 head (PPO in score mode), the prompt forward runs the decoder and applies the LM head and the value head to the last
 column only, so the state's value comes from the same forward as the candidates' first tokens.
 
-Candidate cap (`max_candidates`): over the cap, the commands are taken verb by verb in turn (one `go`, one `take`,
-one `open`, ..., then a second of each), each verb's commands in order of how many of their words the state's text
-(objective, observation, inventory) mentions, then fewest words first; the verbs that only look around (examine, look,
-inventory, the ones the prompt's hint also leaves out) get what the others leave. The kept commands stay in the game's
-order. Why: engines list valid actions alphabetically and combinatorially (ScienceWorld: 100-1000 per state, hundreds
-of `move X to Y`), so cutting the list at its first commands keeps one or two verbs only. Measured on the gold paths
-of `sciworld-easy` (262 states over a cap of 32): the gold command is kept in 157 (the first-commands rule: 61).
+Candidate cap (`max_candidates`): over the cap, the first `max_candidates` commands of lib.prompts.by_priority are
+kept (verbs in turn, each verb's commands by how many of their words the state's text mentions, then shortest; the
+verbs that only look around last), in the game's order. Measured on the gold paths of `sciworld-easy` (262 states over
+a cap of 32): the gold command is kept in 157 (keeping the list's first 32 commands, as this cap used to: 61).
 """
 
-import re
 from dataclasses import dataclass
 
 import torch
@@ -38,12 +34,10 @@ from transformers import DynamicCache
 
 from lib.losses import logprobs_from_logits, masked_sum
 from lib.models import cache_argument
-from lib.prompts import EXAMINE_VERBS, PromptConfig, answer_text
+from lib.prompts import PromptConfig, answer_text, by_priority
 from lib.trunk import causal_mask, top_hidden, trunk_hidden
 
 ACTION_MODES = ("generate", "score")
-# Words that say nothing of which object a command acts on: relevance ignores them.
-COMMON_WORDS = {"a", "an", "the", "to", "on", "in", "into", "at", "of", "from", "with", "up", "around", "door"}
 
 
 @dataclass
@@ -63,36 +57,12 @@ class ScoringConfig:
 
 
 def select_candidates(commands: list[str], max_candidates: int, *, context: str = "") -> list[str]:
-    """The commands to score, at most `max_candidates`, in their original order (rule: the module docstring);
-    `context` is the state's text whose words make a command relevant."""
+    """The commands to score, at most `max_candidates`, in their original order (rule: the module docstring,
+    lib.prompts.by_priority); `context` is the state's text whose words make a command relevant."""
     if len(commands) <= max_candidates:
         return list(commands)
-    mentioned = content_words(context)
-
-    def relevance(command: str) -> tuple[int, int]:  # sorts the most mentioned, then the shortest, first
-        return -len(content_words(command.partition(" ")[2]) & mentioned), len(command.split())
-
-    acting, looking = {}, {}
-    for command in commands:
-        verb = command.split(" ")[0]
-        (looking if verb in EXAMINE_VERBS else acting).setdefault(verb, []).append(command)
-    kept = take_in_turn([sorted(group, key=relevance) for group in acting.values()], max_candidates)
-    kept += take_in_turn([sorted(group, key=relevance) for group in looking.values()], max_candidates - len(kept))
-    kept_set = set(kept)
-    return [command for command in commands if command in kept_set]
-
-
-def content_words(text: str) -> set[str]:
-    """The lowercase words of `text` but the ones every command shares (to, on, in, the, door, ...)."""
-    return set(re.findall(r"[a-z]+", text.lower())) - COMMON_WORDS
-
-
-def take_in_turn(groups: list[list[str]], count: int) -> list[str]:
-    """Up to `count` items: the first of each group in turn, then the second of each, and so on."""
-    taken = []
-    for rank in range(max(map(len, groups), default=0)):
-        taken += [group[rank] for group in groups if rank < len(group)]
-    return taken[:max(count, 0)]
+    kept = set(by_priority(commands, context=context)[:max_candidates])
+    return [command for command in commands if command in kept]
 
 
 def encode_candidates(candidates: list[list[str]], prompt_config: PromptConfig, tokenizer) -> list[list[list[int]]]:

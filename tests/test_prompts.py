@@ -97,12 +97,20 @@ def test_token_budget_drops_the_oldest_memory_first(tokenizer):
     assert "room number" not in cut and "A dark room." in cut and cut.endswith("> ")
 
 
-def test_a_hint_longer_than_the_budget_lists_its_first_commands(tokenizer):
-    commands = [f"take red apple number {i} from the kitchen counter" for i in range(60)]
-    config = PromptConfig(format="plain", memory_turns=0, num_examples=0, max_prompt_tokens=200)
-    prompt = build_prompt(OBJECTIVE, "A kitchen.", "", commands, [], config, tokenizer)
-    assert length(tokenizer, prompt) <= 200
-    assert "A kitchen." in prompt and commands[0] in prompt and commands[-1] not in prompt
+def test_a_hint_longer_than_the_budget_lists_the_commands_by_priority(tokenizer):
+    """ScienceWorld-like: one verb's combinations fill the front of the alphabetical list; the budget keeps every
+    verb's most relevant commands (lib.prompts.by_priority), in the game's order."""
+    commands = sorted([f"move {thing} to {place}" for thing in ("air", "apple", "dove", "picture", "orange")
+                       for place in ("red box", "blue box", "sink", "table", "counter")]
+                      + ["focus on dove", "focus on air", "go to kitchen", "go to bedroom", "pick up dove"])
+    config = PromptConfig(format="plain", memory_turns=0, num_examples=0, max_prompt_tokens=150)
+    prompt = build_prompt("Put the dove in the red box.", "A kitchen. You see a dove.", "", commands, [], config,
+                          tokenizer)
+    assert length(tokenizer, prompt) <= 150
+    listed = prompt.split("Possible actions: ")[1].split("\n")[0].split(", ")
+    assert 5 <= len(listed) < len(commands) and listed == [c for c in commands if c in listed]
+    assert {"focus on dove", "go to kitchen", "move dove to red box", "pick up dove"} <= set(listed)
+    assert "move picture to counter" not in listed  # nothing of it mentioned
 
 
 def test_hint_and_examine_filtering(tokenizer):
