@@ -20,6 +20,8 @@ from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
+QUIT_COMMANDS = ("quit", "exit", "q")
+HELP_COMMAND = "help"
 
 
 def candidate_commands(state: GameState, max_candidates: int) -> list[str]:
@@ -28,8 +30,6 @@ def candidate_commands(state: GameState, max_candidates: int) -> list[str]:
     turn, with the harmless fallback as its one candidate."""
     context = "\n".join((state.objective, state.observation, state.inventory))
     return select_candidates(state.admissible_commands, max_candidates, context=context) or [FALLBACK_COMMAND]
-QUIT_COMMANDS = ("quit", "exit", "q")
-HELP_COMMAND = "help"
 
 
 class SessionEnded(Exception):

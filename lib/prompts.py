@@ -7,10 +7,10 @@ Two prompt formats (`--prompt_format`):
 Both hold the objective, the cleaned observation, the inventory (unless empty), the last `memory_turns` turns, an
 optional hint listing the admissible commands, optional example turns and, with `mark_tried`, the commands already
 played in this episode from the same observation ("Already tried here: ...": the memory of what was tried that a
-greedy policy needs to stop going round in circles, however few turns the prompt shows). When the prompt is longer than the token
-budget the oldest memory goes first, then the examples, then the hint's commands that `by_priority` puts last (a
-kitchen can list more commands than the budget holds, ScienceWorld a thousand; the game still accepts them; the kept
-ones stay in the game's order), then the observation's tail.
+greedy policy needs to stop going round in circles, however few turns the prompt shows). When the prompt is longer
+than the token budget the oldest memory goes first, then the examples, then the hint's commands that `by_priority`
+puts last (a kitchen can list more commands than the budget holds, ScienceWorld a thousand; the game still accepts
+them; the kept ones stay in the game's order), then the observation's tail.
 
 What cannot be cut: the instruction, the game's goal, the inventory and the question. When they alone exceed
 `max_prompt_tokens` (a long goal: tw-coin_collector or tw-treasure_hunter at level 10 and more spell out a long
