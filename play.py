@@ -106,8 +106,9 @@ class Args:
     games: str = field(
         default="default",
         metadata={"help": "named set (default, tiny, coin, twx, sciworld-easy, ...), generator spec "
-                          "(tw-coin_collector:level=5:n=8, twx-coin:numLocations=5:n=8, sciworld-boil:n=4), or game "
-                          "files / folders / globs, comma-joined"},
+                          "(tw-coin_collector:level=5:n=8, twx-coin:numLocations=5:n=8, sciworld-boil:n=4; a twx- "
+                          "or sciworld- spec's eval split is the engine's dev fold, its test fold with "
+                          ":eval_fold=test), or game files / folders / globs, comma-joined"},
     )
     split: str = field(default="eval", metadata={"help": "which split of a named set or spec: eval or train"})
     num_episodes: int | None = field(

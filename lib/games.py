@@ -12,6 +12,9 @@ A game source (the `--train_games` / `--eval_games` flags) is one of:
   - a ScienceWorld spec `sciworld-TASK[:simplify=NAME[+NAME]...]`, e.g. `sciworld-boil:simplify=easy:n=4`: the
     train split plays the task's first n train variations, the eval split its first n dev variations (ScienceWorld's
     own folds; fewer when the task has fewer);
+  - an engine spec with `eval_fold=test` (EVAL_FOLDS; default dev), e.g. `sciworld-boil:eval_fold=test`: the eval
+    split plays the engine's test fold instead of its dev fold (TextWorldExpress: the same seeds in the test fold;
+    ScienceWorld: the task's first n test variations), for a final evaluation on games no run was tuned on;
   - existing game files: a `.z8` / `.ulx` path, a folder of them, or a glob; several joined by commas.
 Items joined by commas make one list. A training mixture weighs them: `hunts-easy@3,cooking-levels@1` plays three
 episodes of hunts for one of cooking, whatever the sets' sizes (`mixture`; an item without a weight weighs 1; the
@@ -85,6 +88,8 @@ REQUIRED_DEFAULTS = {"tw-simple": {"rewards": "dense", "goal": "detailed"}}
 
 # Eval seeds start far above any train seed so the two splits never share a generated game.
 EVAL_SEED_OFFSET = 1_000_000
+# The engines' held-out folds, which an engine spec's eval split plays (`eval_fold=`, the first one by default).
+EVAL_FOLDS = ("dev", "test")
 
 
 class GameError(ValueError):
@@ -93,12 +98,14 @@ class GameError(ValueError):
 
 @dataclass(frozen=True)
 class GameSpec:
-    """One family of generated games: a tw-make kind, its options, and how many games per split."""
+    """One family of games: a tw-make kind (or an engine's twx-GAME, sciworld-TASK), its options, how many games per
+    split, and the engine fold that an engine spec's eval split plays."""
 
     kind: str
     options: dict = field(default_factory=dict, hash=False)
     num_train: int = 16
     num_eval: int = 8
+    eval_fold: str = EVAL_FOLDS[0]
 
     def seeds(self, split: str) -> list[int]:
         if split == "train":
@@ -196,16 +203,14 @@ def parse_spec(text: str) -> GameSpec:
         elif kind_type is int:
             options[key] = _parse_int(value, text, key, allowed)
         else:
-            if value not in allowed:
-                raise GameError(f"{key}={value!r} in {text!r} is not one of {', '.join(allowed)}")
-            options[key] = value
+            options[key] = _parse_choice(value, text, key, allowed)
     if num is None:
         return GameSpec(kind, options)
     return GameSpec(kind, options, num_train=num, num_eval=num)
 
 
 def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
-    """`twx-GAME[:key=value]...` or `sciworld-TASK[:simplify=...]`, with `n=`, -> GameSpec."""
+    """`twx-GAME[:key=value]...` or `sciworld-TASK[:simplify=...]`, with `n=` and `eval_fold=`, -> GameSpec."""
     engine = "twx" if kind.startswith(EXPRESS_KIND) else "sciworld"
     _check_requirement(text, engine)
     name = kind.removeprefix(EXPRESS_KIND if engine == "twx" else SCIENCE_KIND)
@@ -214,13 +219,16 @@ def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
         raise GameError(f"unknown {ENGINE_NAMES[engine]} {'game' if engine == 'twx' else 'task'} {name!r} in "
                         f"{text!r}; known: {', '.join(known)}")
     allowed = EXPRESS_OPTIONS[name] if engine == "twx" else ("simplify",)
-    options, num = {}, None
+    options, num, eval_fold = {}, None, EVAL_FOLDS[0]
     for part in parts:
         key, _, value = part.partition("=")
         if key == "n":
             num = _parse_int(value, text, "n", (1, 100_000))
+        elif key == "eval_fold":
+            eval_fold = _parse_choice(value, text, key, EVAL_FOLDS)
         elif key not in allowed:
-            raise GameError(f"unknown option {key!r} for {kind} in {text!r}; options: {', '.join(('n', *allowed))}")
+            raise GameError(f"unknown option {key!r} for {kind} in {text!r}; options: "
+                            f"{', '.join(('n', *allowed, 'eval_fold'))}")
         elif engine == "twx":
             options[key] = _parse_int(value, text, key, (0, 100_000))
         else:
@@ -231,8 +239,8 @@ def _parse_engine_spec(text: str, kind: str, parts: list[str]) -> GameSpec:
                                 f"{', '.join(SCIENCE_SIMPLIFICATIONS)} (join several with +)")
             options[key] = value
     if num is None:
-        return GameSpec(kind, options)
-    return GameSpec(kind, options, num_train=num, num_eval=num)
+        return GameSpec(kind, options, eval_fold=eval_fold)
+    return GameSpec(kind, options, num_train=num, num_eval=num, eval_fold=eval_fold)
 
 
 def _check_requirement(text: str, engine: str) -> None:
@@ -248,13 +256,14 @@ def is_engine_spec(spec: GameSpec) -> bool:
 
 
 def engine_games(spec: GameSpec, split: str) -> list[str]:
-    """The game strings (lib.engines) of a TextWorldExpress or ScienceWorld spec's split."""
+    """The game strings (lib.engines) of a TextWorldExpress or ScienceWorld spec's split: the engine's train fold, or
+    for the eval split the spec's eval_fold."""
+    fold = "train" if split == "train" else spec.eval_fold
     if spec.kind.startswith(EXPRESS_KIND):
-        fold = "train" if split == "train" else "dev"
         return [express_game(spec.kind.removeprefix(EXPRESS_KIND), fold, seed, spec.options)
                 for seed in spec.seeds(split)]
     task = spec.kind.removeprefix(SCIENCE_KIND)
-    variations = science_variations([task])[task]["train" if split == "train" else "dev"]
+    variations = science_variations([task])[task][fold]
     count = spec.num_train if split == "train" else spec.num_eval
     simplifications = spec.options.get("simplify", "").replace("+", ",")
     return [science_game(task, variation, simplifications) for variation in variations[:count]]
@@ -292,6 +301,12 @@ def _parse_int(value: str, text: str, key: str, allowed) -> int:
     if len(allowed) > 2 and number not in allowed:
         raise GameError(f"{key}={number} in {text!r} must be one of {allowed}")
     return number
+
+
+def _parse_choice(value: str, text: str, key: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise GameError(f"{key}={value!r} in {text!r} is not one of {', '.join(allowed)}")
+    return value
 
 
 def options_slug(options: dict) -> str:

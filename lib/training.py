@@ -113,7 +113,7 @@ class RunArguments:
     output_dir: str = field(default="outputs/run", metadata={"help": "Where the final model, checkpoints, rollouts and logs go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Delete the checkpoints, rollouts and logs of an earlier run in output_dir first, and replace files there that no textworld-rl run wrote (README.md, config.json, ...)."})
     train_games: str = field(default="default", metadata={"help": "Training games: named set, generator spec (tw-coin_collector:level=2:n=4, twx-coin:numLocations=5:n=16, sciworld-boil), files, folders or globs; comma-joined for a mixture."})
-    eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split)."})
+    eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split; a twx- or sciworld- spec's is the engine's dev fold, its test fold with :eval_fold=test, e.g. sciworld-boil:eval_fold=test)."})
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
     num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (training and evaluation)."})
     max_episode_turns: int = field(default=12, metadata={"help": "Turns (commands) per episode before it is truncated (training and evaluation)."})

@@ -13,6 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# Helper modules whose asserts the tests rely on: pytest explains their failures as it does a test module's.
+pytest.register_assert_rewrite("trainer_runs")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

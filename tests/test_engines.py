@@ -155,12 +155,29 @@ def test_sources_split_on_disjoint_seeds_and_scienceworld_folds(games_cache):
     assert len(every_dev_variation) == 7
 
 
+def test_eval_fold_test_evaluates_on_the_engines_test_folds(games_cache):
+    """`eval_fold=test` moves the eval split from the dev fold to the test fold (ScienceWorld's test variations, the
+    TextWorldExpress test fold's games) and leaves the train split as it was."""
+    # The test above's specs: when both run, their first games have started (check_engine_specs: once a process).
+    dev_source = "sciworld-boil:simplify=openDoors+teleportAction:n=100,twx-coin:numLocations=3:n=2"
+    test_source = dev_source.replace(":n=", ":eval_fold=test:n=")
+    train, dev, test = (resolve_games(source, split, games_cache, progress=False)
+                        for source, split in ((test_source, "train"), (dev_source, "eval"), (test_source, "eval")))
+    test_variations = science_variations(["boil"])["boil"]["test"]
+    assert test == [f"sciworld:boil:{variation}:openDoors,teleportAction" for variation in test_variations] + [
+        "twx:coin:test:1000000:numLocations=3", "twx:coin:test:1000001:numLocations=3"]
+    assert len(test) == 9 + 2 and not set(test) & set(train) and not set(test) & set(dev)
+    assert train == resolve_games(dev_source, "train", games_cache, progress=False)
+
+
 @pytest.mark.parametrize("source, message", [
     ("twx-coins", "unknown TextWorldExpress game 'coins'.*known: coin, cookingworld, twc"),
     ("twx-coin:level=3", "unknown option 'level' for twx-coin.*options: n, numLocations"),
     ("twx-coin:numLocations=50", "numLocations=50 does not start in TextWorldExpress.*less than or equal to 11"),
     ("sciworld-boiling", "unknown ScienceWorld task 'boiling'.*known: boil, melt"),
     ("sciworld-boil:simplify=hard", "unknown simplification 'hard'.*known: easy, teleportAction"),
+    ("sciworld-boil:eval_fold=train", "eval_fold='train' in 'sciworld-boil:eval_fold=train' is not one of dev, test"),
+    ("twx-coin:eval_fold=", "eval_fold='' in 'twx-coin:eval_fold=' is not one of dev, test"),
 ])
 def test_bad_engine_sources_name_what_exists(source, message):
     with pytest.raises(GameError, match=message):
