@@ -53,6 +53,7 @@ from lib.agents import (
 )
 from lib.arguments import (
     RolloutArguments,
+    check_context_flags,
     check_finite_numbers,
     check_no_negative_counts,
     parse_arguments,
@@ -275,14 +276,7 @@ def check_play_settings(args: Args) -> None:
         raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.context not in CONTEXTS:
-        raise ValueError(f"--context {args.context!r} is unknown; choose one of {', '.join(CONTEXTS)}")
-    if args.context == "episode" and args.max_context_tokens < 2 * args.max_prompt_tokens:
-        raise ValueError(f"--max_context_tokens {args.max_context_tokens} must be at least twice --max_prompt_tokens "
-                         f"({args.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns")
-    if args.context == "episode" and args.mark_tried:
-        raise ValueError("--mark_tried is for --context window: with --context episode the model reads the whole "
-                         "episode already; drop one of the two")
+    check_context_flags(args)
     try:
         prompt_config(args)
         generation_config(args)

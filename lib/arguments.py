@@ -79,19 +79,25 @@ def reward_config(rollout: RolloutArguments) -> RewardConfig:
     )
 
 
+def check_context_flags(flags) -> None:
+    """--context and the flags that depend on it, on any flags object that has them (the trainers' RolloutArguments,
+    play.py's Args)."""
+    if flags.context not in CONTEXTS:
+        raise ValueError(f"--context {flags.context!r} is unknown; choose one of {', '.join(CONTEXTS)}")
+    if flags.context == "episode" and flags.max_context_tokens < 2 * flags.max_prompt_tokens:
+        raise ValueError(
+            f"--max_context_tokens {flags.max_context_tokens} must be at least twice --max_prompt_tokens "
+            f"({flags.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns after it"
+        )
+    if flags.context == "episode" and flags.mark_tried:
+        raise ValueError("--mark_tried is for --context window: with --context episode the policy reads the whole "
+                         "episode already; drop one of the two")
+
+
 def check_rollout_arguments(rollout: RolloutArguments) -> None:
     if rollout.action_mode not in ACTION_MODES:
         raise ValueError(f"--action_mode {rollout.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
-    if rollout.context not in CONTEXTS:
-        raise ValueError(f"--context {rollout.context!r} is unknown; choose one of {', '.join(CONTEXTS)}")
-    if rollout.context == "episode" and rollout.max_context_tokens < 2 * rollout.max_prompt_tokens:
-        raise ValueError(
-            f"--max_context_tokens {rollout.max_context_tokens} must be at least twice --max_prompt_tokens "
-            f"({rollout.max_prompt_tokens}): a stream starts from a window prompt and needs room for turns after it"
-        )
-    if rollout.context == "episode" and rollout.mark_tried:
-        raise ValueError("--mark_tried is for --context window: with --context episode the policy reads the whole "
-                         "episode already; drop one of the two")
+    check_context_flags(rollout)
     if rollout.action_mode == "score":
         try:
             scoring_config(rollout)
