@@ -83,19 +83,28 @@ EXPERIMENTS = {
 PPO_ITERATIONS = {"twx": 12, "sciworld-easy": 6}
 
 
+def baselines(game_set: str, walkthrough_label: str = "walkthrough") -> dict:
+    """A set's baselines on its eval split as EVAL[game_set] plays it: the random agent, the walkthrough and the
+    zero-shot model in score mode."""
+    play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
+    return {
+        "random": (play.replace("play.py", "play.py --agent random"), None, "random admissible"),
+        "walkthrough": (play.replace("play.py", "play.py --agent walkthrough"), None, walkthrough_label),
+        "zero_shot_score": (play, None, "zero-shot SmolLM2-135M, score"),
+    }
+
+
 def engine_experiments(game_set: str) -> dict:
-    """A TextWorldExpress or ScienceWorld set's experiments: the baselines, the zero-shot model and the trainers with
-    their defaults, trained on the set's train split and evaluated on its eval split as EVAL[game_set] plays it."""
+    """A TextWorldExpress or ScienceWorld set's experiments: the baselines, the zero-shot model in both modes and the
+    trainers with their defaults, trained on the set's train split and evaluated on its eval split."""
     flags = dict(zip(EVAL[game_set].split()[::2], EVAL[game_set].split()[1::2]))
     play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
     train = (f"--train_games {flags['--games']} --eval_games {flags['--games']} --eval_episodes "
              f"{flags['--num_episodes']} --max_episode_turns {flags['--max_episode_turns']} --output_dir {{out}}")
     return {
-        "random": (play.replace("play.py", "play.py --agent random"), None, "random admissible"),
-        "walkthrough": (play.replace("play.py", "play.py --agent walkthrough"), None, "gold path"),
+        **baselines(game_set, walkthrough_label="gold path"),
         "zero_shot_generate": (play.replace("play.py", "play.py --action_mode generate"), None,
                                "zero-shot SmolLM2-135M, generate"),
-        "zero_shot_score": (play, None, "zero-shot SmolLM2-135M, score"),
         "ppo_score": (f"python ppo_textworld.py --num_iterations {PPO_ITERATIONS[game_set]} --eval_every 6 {train}",
                       None, "PPO, score"),
         "ppo_generate": (f"python ppo_textworld.py --action_mode generate {train}", None, "PPO, generate"),
@@ -106,17 +115,7 @@ def engine_experiments(game_set: str) -> dict:
 EXPERIMENTS.update({game_set: engine_experiments(game_set) for game_set in ("twx", "sciworld-easy")})
 
 
-def kind_baselines(game_set: str) -> dict:
-    """A game kind's baselines: the random agent, the walkthrough and the zero-shot model on its eval split."""
-    play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
-    return {
-        "random": (play.replace("play.py", "play.py --agent random"), None, "random admissible"),
-        "walkthrough": (play.replace("play.py", "play.py --agent walkthrough"), None, "walkthrough"),
-        "zero_shot_score": (play, None, "zero-shot SmolLM2-135M, score"),
-    }
-
-
-EXPERIMENTS.update({game_set: kind_baselines(game_set) for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
+EXPERIMENTS.update({game_set: baselines(game_set) for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
 EXPERIMENTS["hunts-easy"]["ppo_score"] = ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                                           "PPO, score, --mark_tried, revisit reward")
 
