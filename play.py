@@ -20,7 +20,9 @@ printed and written (`"partial": true`), the game processes end, and the exit co
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
-from the softmax over the scores at --temperature. Its transcripts add each turn's `candidates` and `chosen_index`.
+from the softmax over the scores at --temperature; with --skip_tried, among the commands its episode has not played
+from the same observation yet (a greedy choice otherwise repeats itself in a deterministic game). Its transcripts add
+each turn's `candidates` and `chosen_index`.
 
 A model from a training output folder plays the way it was trained: the prompt and scoring settings (TRAINING_SETTINGS)
 default to those in the training_args.json of the folder it loads, unless given as flags; one printed line and
@@ -53,6 +55,7 @@ from lib.agents import (
 )
 from lib.arguments import (
     RolloutArguments,
+    check_action_flags,
     check_context_flags,
     check_finite_numbers,
     check_no_negative_counts,
@@ -83,7 +86,7 @@ from lib.run_folder import (
     record_outputs,
     release_output_dirs,
 )
-from lib.scoring import ACTION_MODES, ScoringConfig
+from lib.scoring import ScoringConfig
 from lib.streams import CONTEXTS
 from lib.stopping import Stopped, stop_signals_held, stop_signals_raise
 from lib.training import ARGS_FILE
@@ -97,7 +100,7 @@ PLAY_OUTPUTS = (REPORT_FILE, TRANSCRIPTS_DIR)  # what --output_dir gets; never a
 # sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
 TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
                      "length_normalize", "prompt_format", "action_mode", "max_new_tokens", "context",
-                     "max_context_tokens", "mark_tried")
+                     "max_context_tokens", "mark_tried", "skip_tried")
 FROM_COMMAND_LINE, FROM_DEFAULT = "command line", "default"
 
 
@@ -153,6 +156,10 @@ class Args:
     length_normalize: bool = field(
         default=ScoringConfig.length_normalize,
         metadata={"help": "score mode: a command's score is the mean of its tokens' log-probs instead of the sum"},
+    )
+    skip_tried: bool = field(
+        default=ScoringConfig.skip_tried,
+        metadata={"help": "score mode: leave out the commands the episode already played from the same observation"},
     )
     do_sample: bool = field(
         default=False, metadata={"help": "sample commands (score mode: from the candidates' softmax) instead of greedy"}
@@ -225,7 +232,7 @@ def generation_config(args: Args) -> GenerationConfig:
 
 
 def scoring_config(args: Args) -> ScoringConfig:
-    return ScoringConfig(args.max_candidates, args.length_normalize, args.do_sample, args.temperature)
+    return ScoringConfig(args.max_candidates, args.length_normalize, args.do_sample, args.temperature, args.skip_tried)
 
 
 def check_args(args: Args) -> None:
@@ -272,8 +279,7 @@ def check_args(args: Args) -> None:
 
 def check_play_settings(args: Args) -> None:
     """The prompt, generation and scoring flags, the TRAINING_SETTINGS among them."""
-    if args.action_mode not in ACTION_MODES:
-        raise ValueError(f"--action_mode {args.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
+    check_action_flags(args)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     check_context_flags(args)

@@ -14,7 +14,7 @@ import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command
+from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command, tried_here
 from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
@@ -24,12 +24,19 @@ QUIT_COMMANDS = ("quit", "exit", "q")
 HELP_COMMAND = "help"
 
 
-def candidate_commands(state: GameState, max_candidates: int) -> list[str]:
-    """The commands score mode weighs in `state`: its admissible ones under the cap (lib.scoring.select_candidates,
-    relevance read from the objective, observation and inventory); a state without admissible commands still gets a
-    turn, with the harmless fallback as its one candidate."""
+def candidate_commands(state: GameState, max_candidates: int, *, tried: list[str] = ()) -> list[str]:
+    """The commands score mode weighs in `state`: its admissible ones but those in `tried` (unless that leaves none;
+    ScoringConfig.skip_tried), under the cap (lib.scoring.select_candidates, relevance read from the objective,
+    observation and inventory); a state without admissible commands still gets a turn, with the harmless fallback as
+    its one candidate."""
+    untried = [command for command in state.admissible_commands if command not in tried] or state.admissible_commands
     context = "\n".join((state.objective, state.observation, state.inventory))
-    return select_candidates(state.admissible_commands, max_candidates, context=context) or [FALLBACK_COMMAND]
+    return select_candidates(untried, max_candidates, context=context) or [FALLBACK_COMMAND]
+
+
+def tried_in_state(state: GameState, history: list[Turn]) -> list[str]:
+    """The commands `history` (the episode's turns so far) played from `state`'s observation."""
+    return tried_here(clean_observation(state.observation, state.objective), history)
 
 
 class SessionEnded(Exception):
@@ -169,15 +176,40 @@ class ModelAgent(Agent):
         return list(self.texts)
 
 
-class ScoringAgent(Agent):
+class _EpisodeMemory(Agent):
+    """Keeps each slot's turns of its current episode (cleaned observation, command: as the prompts show them), from
+    the states `act` saw (`_remember`) and the results `observe` gets."""
+
+    def __init__(self):
+        self.histories: list[list[Turn]] = []  # per slot
+        self.last_states: list[GameState | None] = []  # per slot, the state of its latest command
+
+    def _remember(self, states: list[GameState | None]) -> None:
+        if len(self.histories) != len(states):
+            self.histories = [[] for _ in states]
+        self.last_states = list(states)
+
+    def observe(self, results):
+        for slot, result in enumerate(results):
+            if result is None:
+                continue
+            before = self.last_states[slot]
+            self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), result.command))
+            if result.done:
+                self.histories[slot] = []
+
+
+class ScoringAgent(_EpisodeMemory):
     """A causal LM choosing among the admissible commands: each candidate scored by lib.scoring (the active slots'
     prompts and all their candidates in two forwards), then the best one, or one sampled from the softmax over the
-    scores with `do_sample`. Transcripts add each turn's `candidates` and `chosen_index`."""
+    scores with `do_sample`; with `skip_tried`, among those its episode has not played from the same observation.
+    Transcripts add each turn's `candidates` and `chosen_index`."""
 
     name = "model-score"
     needs_prompts = True
 
     def __init__(self, model, tokenizer, prompt_config: PromptConfig, scoring_config: ScoringConfig):
+        super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.prompt_config = prompt_config  # the answer's end-of-reply token depends on the prompt format
@@ -185,14 +217,22 @@ class ScoringAgent(Agent):
         self.candidates: list[list[str] | None] = []  # per slot, the latest scored commands (None: idle)
         self.chosen: list[int | None] = []  # per slot, the index of the latest command among them
 
+    def slot_candidates(self, slot: int, state: GameState) -> list[str]:
+        """The commands scored for `slot` in `state`: lib.agents.candidate_commands, without the tried ones with
+        skip_tried."""
+        config = self.scoring_config
+        tried = tried_in_state(state, self.histories[slot]) if config.skip_tried and slot < len(self.histories) else ()
+        return candidate_commands(state, config.max_candidates, tried=tried)
+
     def act(self, states, prompts):
         config = self.scoring_config
+        self._remember(states)
         active = [slot for slot, prompt in enumerate(prompts) if prompt is not None and states[slot] is not None]
         self.candidates, self.chosen = [None] * len(states), [None] * len(states)
         if not active:
             return [None] * len(states)
         for slot in active:
-            self.candidates[slot] = candidate_commands(states[slot], config.max_candidates)
+            self.candidates[slot] = self.slot_candidates(slot, states[slot])
         prompt_ids = [self.tokenizer(prompts[slot], add_special_tokens=False)["input_ids"] for slot in active]
         candidate_ids = encode_candidates([self.candidates[slot] for slot in active], self.prompt_config, self.tokenizer)
         with torch.no_grad():
@@ -206,10 +246,10 @@ class ScoringAgent(Agent):
         return {"candidates": self.candidates[slot], "chosen_index": self.chosen[slot]}
 
 
-class _EpisodeContextAgent(Agent):
+class _EpisodeContextAgent(_EpisodeMemory):
     """--context episode for a model agent: each slot's episode is one token stream read through a KV cache
-    (lib/streams.py), so the agent reads the states, not per-turn prompts. `observe` keeps the episode's turns (a
-    restart's prompt shows the last ones) and ends a stream with its episode."""
+    (lib/streams.py), so the agent reads the states, not per-turn prompts. It keeps the episode's turns (a restart's
+    prompt shows the last ones) and ends a stream with its episode."""
 
     needs_prompts = False
 
@@ -218,21 +258,16 @@ class _EpisodeContextAgent(Agent):
         if self.context is None or len(self.context.streams.ids) != len(states):
             self.context = EpisodeContext(len(states), self.prompt_config, self.tokenizer, self.max_context_tokens)
             self.histories = [[] for _ in states]
-            self.last_states: list[GameState | None] = [None] * len(states)
+        self._remember(states)
         active = [slot for slot, state in enumerate(states) if state is not None]
         for slot in active:
             self.context.begin(slot, states[slot], self.histories[slot], reply_room(slot))
-            self.last_states[slot] = states[slot]
         return active
 
     def observe(self, results):
+        super().observe(results)
         for slot, result in enumerate(results):
-            if result is None:
-                continue
-            before = self.last_states[slot]
-            self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), result.command))
-            if result.done:
-                self.histories[slot] = []
+            if result is not None and result.done:
                 self.context.end(slot)
 
 
@@ -251,7 +286,7 @@ class EpisodeScoringAgent(_EpisodeContextAgent, ScoringAgent):
         candidate_ids: list[list[list[int]] | None] = [None] * len(states)
         for slot, state in enumerate(states):
             if state is not None:
-                self.candidates[slot] = candidate_commands(state, config.max_candidates)
+                self.candidates[slot] = self.slot_candidates(slot, state)
                 candidate_ids[slot] = encode_candidates([self.candidates[slot]], self.prompt_config, self.tokenizer)[0]
         active = self._begin(states, lambda slot: max(map(len, candidate_ids[slot])))
         if not active:
@@ -272,6 +307,7 @@ class EpisodeModelAgent(_EpisodeContextAgent, ModelAgent):
     def __init__(self, model, tokenizer, prompt_config: PromptConfig, generation_config: GenerationConfig,
                  max_context_tokens: int):
         ModelAgent.__init__(self, model, tokenizer, generation_config)
+        _EpisodeMemory.__init__(self)
         self.prompt_config = prompt_config
         self.max_context_tokens = max_context_tokens
         self.context = None

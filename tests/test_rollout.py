@@ -247,6 +247,36 @@ def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollo
     assert truncated.next_value == pytest.approx(state_value(model, tokenizer, final), abs=1e-4)
 
 
+class OneRoomEnv(ScriptedEnv):
+    """ScriptedEnv whose slots never leave their room: every turn of an episode sees the same observation, with three
+    admissible commands; slot 0 wins at its 5th step, slot 1 is truncated at its 4th."""
+
+    plan = [(5, "won"), (4, "truncated")]
+    commands = ["take coin", "go east", "open chest"]
+
+    def state(self, slot, won=False):
+        state = super().state(slot, won)
+        state.observation, state.admissible_commands = f"Room {slot}. A coin and a chest.", list(self.commands)
+        return state
+
+
+def test_score_mode_with_skip_tried_samples_among_the_commands_not_yet_played_there(models):
+    model, ref, tokenizer = models
+    torch.manual_seed(3)
+    collector = ScoringRolloutCollector(
+        OneRoomEnv(), tokenizer, PromptConfig(), ScoringConfig(temperature=2.0, skip_tried=True),
+        reward_chain(RewardConfig(("score",))),
+    )
+    turns = collector.collect(model, ref, turns_per_slot=6).transitions
+    for slot in (0, 1):
+        played = []  # the commands of the slot's current episode
+        for turn in [t for t in turns if t.slot == slot]:
+            untried = [c for c in OneRoomEnv.commands if c not in played]
+            assert turn.candidates == (untried or OneRoomEnv.commands)
+            played = [] if turn.done or turn.truncated else played + [turn.command]
+    assert any(len(t.candidates) == 1 for t in turns) and any(t.done for t in turns)
+
+
 def test_score_mode_turn_advantages_and_rows(scored_rollouts, tmp_path):
     turns = scored_rollouts[0].transitions
     batch = collate_decisions(turns)

@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import play
 from lib.agents import ScoringAgent, candidate_commands
-from lib.env import GameState
+from lib.env import GameState, StepResult
 from lib.models import load_model, load_tokenizer
 from lib.prompts import EXAMINE_VERBS, PromptConfig, build_prompt
 from lib.scoring import (
@@ -225,6 +225,39 @@ def test_scoring_agent_skips_idle_slots_and_falls_back(tiny):
     assert agent.act([None], [None]) == [None]
 
 
+def test_candidate_commands_leave_out_the_tried_ones_until_every_one_was():
+    state = game_state(["examine coin", "go west", "take coin"])
+    assert candidate_commands(state, 32, tried=["take coin", "look"]) == ["examine coin", "go west"]
+    assert candidate_commands(state, 1, tried=["take coin"]) == ["go west"]  # the cap applies to the untried ones
+    assert candidate_commands(state, 32, tried=state.admissible_commands) == state.admissible_commands
+
+
+def test_scoring_agent_with_skip_tried_plays_each_command_of_an_observation_once(tiny):
+    """A greedy choice in an unchanged state would repeat itself forever; with skip_tried the agent plays every
+    admissible command of a repeated observation once, then may repeat, and forgets with the episode's end."""
+    model, tokenizer = tiny
+    config = PromptConfig()
+    admissible = ["examine coin", "go west", "take coin"]
+    cellar, attic = game_state(admissible), game_state(admissible)
+    attic.observation = "An attic."
+    prompt = build_prompt(cellar.objective, cellar.observation, cellar.inventory, admissible, [], config, tokenizer)
+
+    def play(agent, state, done=False):
+        command = agent.act([state], [prompt])[0]
+        agent.observe([StepResult(command, 0.0, done, False, state, state)])
+        return command, agent.candidates[0]
+
+    agent = ScoringAgent(model, tokenizer, config, ScoringConfig(skip_tried=True))
+    played = [play(agent, cellar) for _ in range(3)]
+    assert sorted(command for command, _ in played) == sorted(admissible)
+    assert [len(candidates) for _, candidates in played] == [3, 2, 1]
+    assert play(agent, attic)[1] == admissible  # another observation: nothing tried there
+    assert play(agent, cellar, done=True)[1] == admissible  # every command tried here: all come back
+    assert [len(play(agent, cellar)[1]) for _ in range(2)] == [3, 2]  # a new episode: from scratch
+    greedy = ScoringAgent(model, tokenizer, config, ScoringConfig())
+    assert len({play(greedy, cellar)[0] for _ in range(3)}) == 1  # without it: the same command every turn
+
+
 def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsys):
     out = tmp_path / "score"
     code = play.main(["--agent", "model", "--action_mode", "score", "--model_name_or_path", tiny_model_path,
@@ -249,6 +282,7 @@ def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsy
         (["--action_mode", "beam"], "--action_mode"),
         (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
         (["--action_mode", "score", "--do_sample", "--temperature", "0"], "temperature"),
+        (["--action_mode", "generate", "--skip_tried"], "--skip_tried"),
     ],
 )
 def test_play_score_mode_bad_flags(args, flag, tiny_games, monkeypatch, capsys):
