@@ -159,7 +159,8 @@ class Args:
     )
     skip_tried: bool = field(
         default=ScoringConfig.skip_tried,
-        metadata={"help": "score mode: leave out the commands the episode already played from the same observation"},
+        metadata={"help": "score mode and the random agent: leave out the commands the episode already played from the "
+                          "same observation"},
     )
     do_sample: bool = field(
         default=False, metadata={"help": "sample commands (score mode: from the candidates' softmax) instead of greedy"}
@@ -373,7 +374,7 @@ def load_play_tokenizer(args: Args, budget_file: Path | None):
 def make_agent(args: Args, tokenizer):
     """The agent; loads the model for the model agent (`tokenizer`: its tokenizer)."""
     if args.agent == "random":
-        return RandomAgent(args.seed)
+        return RandomAgent(args.seed, args.skip_tried)
     if args.agent == "walkthrough":
         return WalkthroughAgent()
     if args.agent == "human":

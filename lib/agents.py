@@ -64,19 +64,6 @@ class Agent(abc.ABC):
         return {}
 
 
-class RandomAgent(Agent):
-    """Uniform over the admissible commands, with its own random generator."""
-
-    name = "random"
-
-    def __init__(self, seed: int = 0):
-        self.rng = random.Random(seed)
-
-    def act(self, states, prompts):
-        return [
-            None if state is None else self.rng.choice(state.admissible_commands or [FALLBACK_COMMAND])
-            for state in states
-        ]
 
 
 class WalkthroughAgent(Agent):
@@ -197,6 +184,30 @@ class _EpisodeMemory(Agent):
             self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), result.command))
             if result.done:
                 self.histories[slot] = []
+
+
+class RandomAgent(_EpisodeMemory):
+    """Uniform over the admissible commands, with its own random generator; with `skip_tried`, over those its episode
+    has not played from the same observation (all of them once every one was), as score mode's --skip_tried."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0, skip_tried: bool = False):
+        super().__init__()
+        self.rng = random.Random(seed)
+        self.skip_tried = skip_tried
+
+    def act(self, states, prompts):
+        self._remember(states)
+        commands = []
+        for slot, state in enumerate(states):
+            if state is None:
+                commands.append(None)
+                continue
+            tried = tried_in_state(state, self.histories[slot]) if self.skip_tried else ()
+            untried = [command for command in state.admissible_commands if command not in tried]
+            commands.append(self.rng.choice(untried or state.admissible_commands or [FALLBACK_COMMAND]))
+        return commands
 
 
 class ScoringAgent(_EpisodeMemory):
