@@ -20,9 +20,9 @@ printed and written (`"partial": true`), the game processes end, and the exit co
 
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
-from the softmax over the scores at --temperature; with --skip_tried, among the commands its episode has not played
-from the same observation yet (a greedy choice otherwise repeats itself in a deterministic game). Its transcripts add
-each turn's `candidates` and `chosen_index`.
+from the softmax over the scores at --temperature; with --least_tried, among the commands its episode played least
+often from the same observation (the untried ones first: a greedy choice otherwise repeats itself in a deterministic
+game). Its transcripts add each turn's `candidates` and `chosen_index`.
 
 A model from a training output folder plays the way it was trained: the prompt and scoring settings (TRAINING_SETTINGS)
 default to those in the training_args.json of the folder it loads, unless given as flags; one printed line and
@@ -100,7 +100,7 @@ PLAY_OUTPUTS = (REPORT_FILE, TRANSCRIPTS_DIR)  # what --output_dir gets; never a
 # sampling flags stay play.py's (greedy by default), as the trainers' own evaluation plays greedily too.
 TRAINING_SETTINGS = ("memory_turns", "num_examples", "hint", "hint_examine", "max_prompt_tokens", "max_candidates",
                      "length_normalize", "prompt_format", "action_mode", "max_new_tokens", "context",
-                     "max_context_tokens", "mark_tried", "skip_tried")
+                     "max_context_tokens", "mark_tried", "least_tried")
 FROM_COMMAND_LINE, FROM_DEFAULT = "command line", "default"
 
 
@@ -157,10 +157,10 @@ class Args:
         default=ScoringConfig.length_normalize,
         metadata={"help": "score mode: a command's score is the mean of its tokens' log-probs instead of the sum"},
     )
-    skip_tried: bool = field(
-        default=ScoringConfig.skip_tried,
-        metadata={"help": "score mode and the random agent: leave out the commands the episode already played from the "
-                          "same observation"},
+    least_tried: bool = field(
+        default=ScoringConfig.least_tried,
+        metadata={"help": "score mode and the random agent: choose among the commands the episode played least often "
+                          "from the same observation (untried first)"},
     )
     do_sample: bool = field(
         default=False, metadata={"help": "sample commands (score mode: from the candidates' softmax) instead of greedy"}
@@ -233,7 +233,7 @@ def generation_config(args: Args) -> GenerationConfig:
 
 
 def scoring_config(args: Args) -> ScoringConfig:
-    return ScoringConfig(args.max_candidates, args.length_normalize, args.do_sample, args.temperature, args.skip_tried)
+    return ScoringConfig(args.max_candidates, args.length_normalize, args.do_sample, args.temperature, args.least_tried)
 
 
 def check_args(args: Args) -> None:
@@ -374,7 +374,7 @@ def load_play_tokenizer(args: Args, budget_file: Path | None):
 def make_agent(args: Args, tokenizer):
     """The agent; loads the model for the model agent (`tokenizer`: its tokenizer)."""
     if args.agent == "random":
-        return RandomAgent(args.seed, args.skip_tried)
+        return RandomAgent(args.seed, args.least_tried)
     if args.agent == "walkthrough":
         return WalkthroughAgent()
     if args.agent == "human":

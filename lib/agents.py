@@ -9,12 +9,13 @@ turn, for transcripts.
 
 import abc
 import random
+from collections import Counter
 
 import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command, tried_here
+from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command
 from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
@@ -24,19 +25,28 @@ QUIT_COMMANDS = ("quit", "exit", "q")
 HELP_COMMAND = "help"
 
 
-def candidate_commands(state: GameState, max_candidates: int, *, tried: list[str] = ()) -> list[str]:
-    """The commands score mode weighs in `state`: its admissible ones but those in `tried` (unless that leaves none;
-    ScoringConfig.skip_tried), under the cap (lib.scoring.select_candidates, relevance read from the objective,
-    observation and inventory); a state without admissible commands still gets a turn, with the harmless fallback as
-    its one candidate."""
-    untried = [command for command in state.admissible_commands if command not in tried] or state.admissible_commands
+def candidate_commands(state: GameState, max_candidates: int, *, played: list[str] = ()) -> list[str]:
+    """The commands score mode weighs in `state`: its admissible ones played least often in `played` (the commands
+    the episode played from this state's observation, repeats included: ScoringConfig.least_tried), under the cap
+    (lib.scoring.select_candidates, relevance read from the objective, observation and inventory); a state without
+    admissible commands still gets a turn, with the harmless fallback as its one candidate."""
     context = "\n".join((state.objective, state.observation, state.inventory))
-    return select_candidates(untried, max_candidates, context=context) or [FALLBACK_COMMAND]
+    return select_candidates(least_played(state.admissible_commands, played), max_candidates, context=context) or [
+        FALLBACK_COMMAND]
 
 
-def tried_in_state(state: GameState, history: list[Turn]) -> list[str]:
-    """The commands `history` (the episode's turns so far) played from `state`'s observation."""
-    return tried_here(clean_observation(state.observation, state.objective), history)
+def least_played(commands: list[str], played: list[str]) -> list[str]:
+    """The `commands` that occur least often in `played`: the untried ones while there are, so that a policy choosing
+    among them tries each command of a place before it repeats one (and round-robins them after)."""
+    counts = Counter(played)
+    fewest = min((counts[command] for command in commands), default=0)
+    return [command for command in commands if counts[command] == fewest]
+
+
+def played_here(state: GameState, history: list[Turn]) -> list[str]:
+    """The commands `history` (the episode's turns so far) played from `state`'s observation, repeats included."""
+    observation = clean_observation(state.observation, state.objective)
+    return [turn.command for turn in history if turn.observation == observation]
 
 
 class SessionEnded(Exception):
@@ -187,15 +197,15 @@ class _EpisodeMemory(Agent):
 
 
 class RandomAgent(_EpisodeMemory):
-    """Uniform over the admissible commands, with its own random generator; with `skip_tried`, over those its episode
-    has not played from the same observation (all of them once every one was), as score mode's --skip_tried."""
+    """Uniform over the admissible commands, with its own random generator; with `least_tried`, over those its episode
+    played least often from the same observation (as score mode's --least_tried)."""
 
     name = "random"
 
-    def __init__(self, seed: int = 0, skip_tried: bool = False):
+    def __init__(self, seed: int = 0, least_tried: bool = False):
         super().__init__()
         self.rng = random.Random(seed)
-        self.skip_tried = skip_tried
+        self.least_tried = least_tried
 
     def act(self, states, prompts):
         self._remember(states)
@@ -204,16 +214,15 @@ class RandomAgent(_EpisodeMemory):
             if state is None:
                 commands.append(None)
                 continue
-            tried = tried_in_state(state, self.histories[slot]) if self.skip_tried else ()
-            untried = [command for command in state.admissible_commands if command not in tried]
-            commands.append(self.rng.choice(untried or state.admissible_commands or [FALLBACK_COMMAND]))
+            played = played_here(state, self.histories[slot]) if self.least_tried else ()
+            commands.append(self.rng.choice(least_played(state.admissible_commands, played) or [FALLBACK_COMMAND]))
         return commands
 
 
 class ScoringAgent(_EpisodeMemory):
     """A causal LM choosing among the admissible commands: each candidate scored by lib.scoring (the active slots'
     prompts and all their candidates in two forwards), then the best one, or one sampled from the softmax over the
-    scores with `do_sample`; with `skip_tried`, among those its episode has not played from the same observation.
+    scores with `do_sample`; with `least_tried`, among those its episode played least often from the same observation.
     Transcripts add each turn's `candidates` and `chosen_index`."""
 
     name = "model-score"
@@ -230,10 +239,10 @@ class ScoringAgent(_EpisodeMemory):
 
     def slot_candidates(self, slot: int, state: GameState) -> list[str]:
         """The commands scored for `slot` in `state`: lib.agents.candidate_commands, without the tried ones with
-        skip_tried."""
+        least_tried."""
         config = self.scoring_config
-        tried = tried_in_state(state, self.histories[slot]) if config.skip_tried and slot < len(self.histories) else ()
-        return candidate_commands(state, config.max_candidates, tried=tried)
+        played = played_here(state, self.histories[slot]) if config.least_tried and slot < len(self.histories) else ()
+        return candidate_commands(state, config.max_candidates, played=played)
 
     def act(self, states, prompts):
         config = self.scoring_config

@@ -29,7 +29,7 @@ class RolloutArguments:
     action_mode: str = field(default="score", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
     max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (over it: verbs in turn, the objects the state's text mentions first; examine/look/inventory last)."})
     length_normalize: bool = field(default=ScoringConfig.length_normalize, metadata={"help": "Score mode: a command's score is the mean of its tokens' log-probs instead of the sum."})
-    skip_tried: bool = field(default=ScoringConfig.skip_tried, metadata={"help": "Score mode: leave out the commands the episode already played from the same observation (all come back once every one was)."})
+    least_tried: bool = field(default=ScoringConfig.least_tried, metadata={"help": "Score mode: choose among the commands the episode played least often from the same observation (untried ones first; greedy policies stop looping)."})
     max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})
@@ -64,7 +64,7 @@ def scoring_config(rollout: RolloutArguments, greedy: bool = False) -> ScoringCo
     """Score mode's choice: sampled from the softmax over the candidates' scores at the sampling temperature, or the
     best candidate."""
     return ScoringConfig(rollout.max_candidates, rollout.length_normalize, not greedy, rollout.temperature,
-                         rollout.skip_tried)
+                         rollout.least_tried)
 
 
 def prompt_config(rollout: RolloutArguments) -> PromptConfig:
@@ -86,9 +86,9 @@ def check_action_flags(flags) -> None:
     RolloutArguments, play.py's Args)."""
     if flags.action_mode not in ACTION_MODES:
         raise ValueError(f"--action_mode {flags.action_mode!r} is unknown; choose one of {', '.join(ACTION_MODES)}")
-    if flags.skip_tried and flags.action_mode != "score":
-        raise ValueError("--skip_tried leaves tried commands out of the admissible ones score mode chooses from: "
-                         "use it with --action_mode score")
+    if flags.least_tried and flags.action_mode != "score":
+        raise ValueError("--least_tried narrows the admissible commands that score mode chooses from: use it with "
+                         "--action_mode score")
 
 
 def check_context_flags(flags) -> None:

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from lib.agents import Agent, candidate_commands, tried_in_state
+from lib.agents import Agent, candidate_commands, played_here
 from lib.engines import engine_of
 from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
@@ -379,11 +379,11 @@ class ScoringRolloutCollector(RolloutCollector):
         self.turn_candidates: dict[int, tuple[list[str], list[list[int]]]] = {}
 
     def candidates(self, slot: int) -> tuple[list[str], list[list[int]]]:
-        """The state's candidate commands (lib.agents.candidate_commands; with skip_tried, without those the episode
-        played from this observation) and their answer ids."""
+        """The state's candidate commands (lib.agents.candidate_commands; with least_tried, those the episode played
+        least often from this observation) and their answer ids."""
         config = self.scoring_config
-        tried = tried_in_state(self.states[slot], self.histories[slot]) if config.skip_tried else ()
-        commands = candidate_commands(self.states[slot], config.max_candidates, tried=tried)
+        played = played_here(self.states[slot], self.histories[slot]) if config.least_tried else ()
+        commands = candidate_commands(self.states[slot], config.max_candidates, played=played)
         return commands, encode_candidates([commands], self.prompt_config, self.tokenizer)[0]
 
     def reply_room(self, slot: int) -> int:

@@ -48,9 +48,9 @@ class ScoringConfig:
     length_normalize: bool = False
     do_sample: bool = False  # greedy: the best-scoring candidate
     temperature: float = 1.0
-    # Leave out the commands the episode already played from this same observation (all come back once every one
-    # was): the game is deterministic, so a repeat learns nothing, and a greedy policy otherwise loops.
-    skip_tried: bool = False
+    # Choose among the commands the episode played least often from this same observation (the untried ones while
+    # there are): the game is deterministic, so a repeat learns nothing new, and a greedy policy otherwise loops.
+    least_tried: bool = False
 
     def __post_init__(self):
         if self.max_candidates < 1:

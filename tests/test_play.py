@@ -133,15 +133,16 @@ def test_random_and_walkthrough_agents():
     assert commands == [again.act(states, [None] * 3) for _ in range(30)]
     assert [c[0] for c in commands] != [RandomAgent(seed=4).act(states, [None] * 3)[0] for _ in range(30)]
 
-    # skip_tried: each command of an observation once per episode before any repeats.
+    # least_tried: each command of an observation once before any twice, the episode's end forgetting them.
     cellar = state(admissible=("go west", "look", "take coin"))
     for seed in range(5):
-        explorer = RandomAgent(seed=seed, skip_tried=True)
+        explorer = RandomAgent(seed=seed, least_tried=True)
         played = []
-        for turn in range(4):
+        for turn in range(9):
             played += explorer.act([cellar], [None])
-            explorer.observe([StepResult(played[-1], 0.0, turn == 3, False, cellar, cellar)])
-        assert sorted(played[:3]) == sorted(cellar.admissible_commands)
+            explorer.observe([StepResult(played[-1], 0.0, turn == 4, False, cellar, cellar)])
+        assert sorted(played[:3]) == sorted(played[5:8]) == sorted(cellar.admissible_commands)
+        assert played[3] != played[4]
 
     walkthrough = WalkthroughAgent()
     assert not walkthrough.needs_prompts

@@ -96,7 +96,7 @@ BAD_FLAGS = [
     (["--context", "session"], "--context"),
     (["--context", "episode", "--max_context_tokens", "300"], "--max_context_tokens"),
     (["--context", "episode", "--mark_tried"], "--mark_tried"),  # the episode's stream shows what was tried
-    (["--action_mode", "generate", "--skip_tried"], "--skip_tried"),  # nothing to leave out of a written command
+    (["--action_mode", "generate", "--least_tried"], "--least_tried"),  # nothing to leave out of a written command
     (["--context", "episode", "--num_envs", "4"], "--num_minibatches"),  # 4 slots for 8 micro-batches of whole streams
     (["--advantage_estimator", "rloo"], "--group_size"),
     (["--advantage_estimator", "gigpo", "--group_size", "1"], "--group_size"),

@@ -249,9 +249,9 @@ def test_score_mode_caches_candidate_logprobs_values_and_bootstraps(scored_rollo
 
 class OneRoomEnv(ScriptedEnv):
     """ScriptedEnv whose slots never leave their room: every turn of an episode sees the same observation, with three
-    admissible commands; slot 0 wins at its 5th step, slot 1 is truncated at its 4th."""
+    admissible commands; slot 0 wins at its 7th step, slot 1 is truncated at its 4th."""
 
-    plan = [(5, "won"), (4, "truncated")]
+    plan = [(7, "won"), (4, "truncated")]
     commands = ["take coin", "go east", "open chest"]
 
     def state(self, slot, won=False):
@@ -260,19 +260,19 @@ class OneRoomEnv(ScriptedEnv):
         return state
 
 
-def test_score_mode_with_skip_tried_samples_among_the_commands_not_yet_played_there(models):
+def test_score_mode_with_least_tried_samples_among_the_commands_least_played_there(models):
     model, ref, tokenizer = models
     torch.manual_seed(3)
     collector = ScoringRolloutCollector(
-        OneRoomEnv(), tokenizer, PromptConfig(), ScoringConfig(temperature=2.0, skip_tried=True),
+        OneRoomEnv(), tokenizer, PromptConfig(), ScoringConfig(temperature=2.0, least_tried=True),
         reward_chain(RewardConfig(("score",))),
     )
-    turns = collector.collect(model, ref, turns_per_slot=6).transitions
+    turns = collector.collect(model, ref, turns_per_slot=8).transitions
     for slot in (0, 1):
         played = []  # the commands of the slot's current episode
         for turn in [t for t in turns if t.slot == slot]:
-            untried = [c for c in OneRoomEnv.commands if c not in played]
-            assert turn.candidates == (untried or OneRoomEnv.commands)
+            fewest = min(played.count(c) for c in OneRoomEnv.commands)
+            assert turn.candidates == [c for c in OneRoomEnv.commands if played.count(c) == fewest]
             played = [] if turn.done or turn.truncated else played + [turn.command]
     assert any(len(t.candidates) == 1 for t in turns) and any(t.done for t in turns)
 

@@ -225,16 +225,18 @@ def test_scoring_agent_skips_idle_slots_and_falls_back(tiny):
     assert agent.act([None], [None]) == [None]
 
 
-def test_candidate_commands_leave_out_the_tried_ones_until_every_one_was():
+def test_candidate_commands_with_played_ones_keep_the_least_played():
     state = game_state(["examine coin", "go west", "take coin"])
-    assert candidate_commands(state, 32, tried=["take coin", "look"]) == ["examine coin", "go west"]
-    assert candidate_commands(state, 1, tried=["take coin"]) == ["go west"]  # the cap applies to the untried ones
-    assert candidate_commands(state, 32, tried=state.admissible_commands) == state.admissible_commands
+    assert candidate_commands(state, 32, played=["take coin", "look"]) == ["examine coin", "go west"]
+    assert candidate_commands(state, 1, played=["take coin"]) == ["go west"]  # the cap applies to the untried ones
+    every_one_once = state.admissible_commands
+    assert candidate_commands(state, 32, played=every_one_once) == state.admissible_commands
+    assert candidate_commands(state, 32, played=every_one_once + ["take coin", "go west"]) == ["examine coin"]
 
 
-def test_scoring_agent_with_skip_tried_plays_each_command_of_an_observation_once(tiny):
-    """A greedy choice in an unchanged state would repeat itself forever; with skip_tried the agent plays every
-    admissible command of a repeated observation once, then may repeat, and forgets with the episode's end."""
+def test_scoring_agent_with_least_tried_plays_each_command_of_an_observation_once(tiny):
+    """A greedy choice in an unchanged state would repeat itself forever; with least_tried the agent plays every
+    admissible command of a repeated observation once before any twice, and forgets with the episode's end."""
     model, tokenizer = tiny
     config = PromptConfig()
     admissible = ["examine coin", "go west", "take coin"]
@@ -247,12 +249,13 @@ def test_scoring_agent_with_skip_tried_plays_each_command_of_an_observation_once
         agent.observe([StepResult(command, 0.0, done, False, state, state)])
         return command, agent.candidates[0]
 
-    agent = ScoringAgent(model, tokenizer, config, ScoringConfig(skip_tried=True))
+    agent = ScoringAgent(model, tokenizer, config, ScoringConfig(least_tried=True))
     played = [play(agent, cellar) for _ in range(3)]
     assert sorted(command for command, _ in played) == sorted(admissible)
     assert [len(candidates) for _, candidates in played] == [3, 2, 1]
     assert play(agent, attic)[1] == admissible  # another observation: nothing tried there
-    assert play(agent, cellar, done=True)[1] == admissible  # every command tried here: all come back
+    assert play(agent, cellar)[1] == admissible  # every command tried here once: a second round
+    assert len(play(agent, cellar, done=True)[1]) == 2
     assert [len(play(agent, cellar)[1]) for _ in range(2)] == [3, 2]  # a new episode: from scratch
     greedy = ScoringAgent(model, tokenizer, config, ScoringConfig())
     assert len({play(greedy, cellar)[0] for _ in range(3)}) == 1  # without it: the same command every turn
@@ -282,7 +285,7 @@ def test_play_score_mode_end_to_end(tiny_model_path, tiny_games, tmp_path, capsy
         (["--action_mode", "beam"], "--action_mode"),
         (["--action_mode", "score", "--max_candidates", "0"], "max_candidates"),
         (["--action_mode", "score", "--do_sample", "--temperature", "0"], "temperature"),
-        (["--action_mode", "generate", "--skip_tried"], "--skip_tried"),
+        (["--action_mode", "generate", "--least_tried"], "--least_tried"),
     ],
 )
 def test_play_score_mode_bad_flags(args, flag, tiny_games, monkeypatch, capsys):
