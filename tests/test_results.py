@@ -37,7 +37,7 @@ def test_table_reads_reports_and_trainer_states(tmp_path, monkeypatch):
     assert combined["env_steps"] == 140 and combined["wall_time_s"] == 1500 and combined["normalized_score"] == 0.6
     assert combined["curve"] == [[100, 0.5], [140, 0.6]] and combined["command"] == "cmd rs_score && cmd rs_then_ppo_score"
     markdown = (tmp_path / "docs/results.md").read_text()
-    assert "(num_episodes=12, max_episode_turns=12)" in markdown and "| 0.600 | 0.600 | 0.000 | 140 | 25.0 min | m |" in markdown
+    assert "(num_episodes=12, max_episode_turns=12)" in markdown and "| 0.600 | 0.600 [0.33, 0.82] | 0.000 | 140 | 25.0 min | m |" in markdown
     assert (tmp_path / "docs/curves_default.png").stat().st_size > 0
 
 
@@ -54,6 +54,13 @@ def test_table_keeps_the_rows_of_experiments_without_outputs_here(tmp_path, monk
     assert rows["walkthrough"]["command"] == "old walkthrough"  # not rerun: kept
     assert rows["random"]["normalized_score"] == 0.25  # rerun: its new outputs win
     assert list(rows) == ["random", "walkthrough"]  # in the experiments' order
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 28 wins of 40: center (0.7 + 1.96^2/80) / (1 + 1.96^2/40), half-width 1.96/(1 + 0.096) * sqrt(0.21/40 + 0.0006)
+    assert results.wilson_interval(28, 40) == pytest.approx((0.5457, 0.8193), abs=1e-4)
+    assert results.wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)  # never below 0
+    assert results.wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
 
 
 def test_unknown_experiment_is_named():

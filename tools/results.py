@@ -15,6 +15,7 @@ number of episodes and step limit for every agent of the set.
 
 import argparse
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -115,9 +116,25 @@ def engine_experiments(game_set: str) -> dict:
 EXPERIMENTS.update({game_set: engine_experiments(game_set) for game_set in ("twx", "sciworld-easy")})
 
 
-EXPERIMENTS.update({game_set: baselines(game_set) for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
-EXPERIMENTS["hunts-easy"]["ppo_score"] = ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
-                                          "PPO, score, --mark_tried, revisit reward")
+def least_tried_baselines(game_set: str) -> dict:
+    """The random agent and the zero-shot model choosing among the commands played least often from the same
+    observation (--least_tried): how much of a trained policy's score the exploration rule alone gives."""
+    play = f"python play.py --least_tried {EVAL[game_set]} --output_dir {{out}}"
+    return {
+        "random_least_tried": (play.replace("play.py", "play.py --agent random"), None,
+                               "random admissible, --least_tried"),
+        "zero_shot_score_least_tried": (play, None, "zero-shot SmolLM2-135M, score, --least_tried"),
+    }
+
+
+EXPERIMENTS.update({game_set: {**baselines(game_set), **least_tried_baselines(game_set)}
+                    for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
+EXPERIMENTS["hunts-easy"].update({
+    "ppo_score": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --least_tried false --output_dir {out}", None,
+                  "PPO, score, --mark_tried, revisit reward"),
+    "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
+                              "PPO, score, --least_tried, --mark_tried, revisit reward"),
+})
 
 
 def selected(names: list[str]) -> list[tuple[str, str]]:
@@ -176,6 +193,21 @@ def read_row(game_set: str, name: str) -> dict | None:
     return row
 
 
+def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a rate: honest at the few dozen episodes an eval set holds, and never outside
+    [0, 1] (the normal approximation is, at 0 or 1 wins)."""
+    rate = successes / trials
+    center = (rate + z * z / (2 * trials)) / (1 + z * z / trials)
+    half = z / (1 + z * z / trials) * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials))
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def episodes_of(game_set: str) -> int:
+    """The eval episodes behind each row of a set: its protocol's (EVAL), which every agent and trainer of it plays."""
+    words = EVAL[game_set].split()
+    return int(words[words.index("--num_episodes") + 1])
+
+
 def protocol(game_set: str) -> str:
     """`--num_episodes 12 --max_episode_turns 12` -> `num_episodes=12, max_episode_turns=12`."""
     words = EVAL[game_set].replace("--", "").split()
@@ -190,13 +222,16 @@ def markdown(rows: list[dict]) -> str:
             continue
         lines += [
             f"**{game_set}** games, held-out eval split ({protocol(game_set)})", "",
-            "| method | normalized score | win rate | invalid rate | env steps | wall time | machine |",
+            "| method | normalized score | win rate [95% interval] | invalid rate | env steps | wall time | machine |",
             "|---|---|---|---|---|---|---|",
         ]
+        episodes = episodes_of(game_set)
         for row in chosen:
+            low, high = wilson_interval(row["win_rate"] * episodes, episodes)
             lines.append(
-                f"| {row['method']} | {row['normalized_score']:.3f} | {row['win_rate']:.3f} | {row['invalid_rate']:.3f} "
-                f"| {row['env_steps']} | {row['wall_time_s'] / 60:.1f} min | {row['machine']} |"
+                f"| {row['method']} | {row['normalized_score']:.3f} | {row['win_rate']:.3f} [{low:.2f}, {high:.2f}] "
+                f"| {row['invalid_rate']:.3f} | {row['env_steps']} | {row['wall_time_s'] / 60:.1f} min "
+                f"| {row['machine']} |"
             )
         lines += ["", "Commands:", "", "```bash"]
         lines += [row["command"] for row in chosen]
