@@ -135,6 +135,9 @@ EXPERIMENTS["hunts-easy"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
 })
+EXPERIMENTS["hunts-hard"]["ppo_score_least_tried"] = (
+    "python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
+    "PPO, score, --least_tried, --mark_tried, revisit reward")
 
 
 def selected(names: list[str]) -> list[tuple[str, str]]:
