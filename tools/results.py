@@ -46,6 +46,11 @@ EVAL = {
     "hunts-easy": "--games hunts-easy --num_episodes 40 --max_episode_turns 50",
     "hunts-hard": "--games hunts-hard --num_episodes 24 --max_episode_turns 50",
     "cooking-levels": "--games cooking-levels --num_episodes 16 --max_episode_turns 50",
+    # Levels no per-kind set trains on (7 and 9, between hunts-easy's 1-5 and hunts-hard's 10-20): how a model
+    # trained on hunts-easy generalizes.
+    "hunts-unseen": "--games tw-coin_collector:level=7:n=6,tw-coin_collector:level=9:n=6,"
+                    "tw-treasure_hunter:level=7:n=6,tw-treasure_hunter:level=9:n=6 --num_episodes 24 "
+                    "--max_episode_turns 50",
 }
 # set -> name -> (command with {out} for the output folder, experiment it starts from or None, label)
 EXPERIMENTS = {
@@ -135,6 +140,13 @@ EXPERIMENTS["hunts-easy"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
 })
+EXPERIMENTS["hunts-unseen"] = {
+    "random": baselines("hunts-unseen")["random"],
+    **least_tried_baselines("hunts-unseen"),
+    "hunts_easy_ppo_least_tried": (
+        f"python play.py --model_name_or_path outputs/results/hunts-easy/ppo_score_least_tried {EVAL['hunts-unseen']} "
+        "--output_dir {out}", None, "PPO on hunts-easy (--least_tried row), played here"),
+}
 EXPERIMENTS["hunts-hard"]["ppo_score_least_tried"] = (
     "python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
     "PPO, score, --least_tried, --mark_tried, revisit reward")
