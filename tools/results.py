@@ -139,6 +139,9 @@ EXPERIMENTS["hunts-easy"].update({
                   "PPO, score, --mark_tried, revisit reward"),
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
+    # The same run with another seed: how much of the row above is its seed's luck.
+    "ppo_score_least_tried_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --seed 1 --output_dir {out}",
+                                    None, "the same, --seed 1"),
 })
 EXPERIMENTS["hunts-unseen"] = {
     "random": baselines("hunts-unseen")["random"],
