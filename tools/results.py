@@ -143,16 +143,26 @@ EXPERIMENTS["hunts-easy"].update({
     "ppo_score_least_tried_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --seed 1 --output_dir {out}",
                                     None, "the same, --seed 1"),
 })
+
+
+def played_elsewhere(game_set: str, trained: str, label: str) -> tuple:
+    """The model of experiment `trained` (set/name) played greedy on `game_set`'s eval split: how it generalizes."""
+    return (f"python play.py --model_name_or_path {RESULTS_DIR / trained} {EVAL[game_set]} --output_dir {{out}}", None,
+            label)
+
+
+EXPERIMENTS["hunts-hard"].update({
+    "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
+                              "PPO, score, --least_tried, --mark_tried, revisit reward"),
+    "hunts_easy_ppo_least_tried": played_elsewhere("hunts-hard", "hunts-easy/ppo_score_least_tried",
+                                                   "PPO on hunts-easy (--least_tried row), played here"),
+})
 EXPERIMENTS["hunts-unseen"] = {
     "random": baselines("hunts-unseen")["random"],
     **least_tried_baselines("hunts-unseen"),
-    "hunts_easy_ppo_least_tried": (
-        f"python play.py --model_name_or_path outputs/results/hunts-easy/ppo_score_least_tried {EVAL['hunts-unseen']} "
-        "--output_dir {out}", None, "PPO on hunts-easy (--least_tried row), played here"),
+    "hunts_easy_ppo_least_tried": played_elsewhere("hunts-unseen", "hunts-easy/ppo_score_least_tried",
+                                                   "PPO on hunts-easy (--least_tried row), played here"),
 }
-EXPERIMENTS["hunts-hard"]["ppo_score_least_tried"] = (
-    "python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
-    "PPO, score, --least_tried, --mark_tried, revisit reward")
 
 
 def selected(names: list[str]) -> list[tuple[str, str]]:
