@@ -156,7 +156,14 @@ EXPERIMENTS["hunts-hard"].update({
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
     "hunts_easy_ppo_least_tried": played_elsewhere("hunts-hard", "hunts-easy/ppo_score_least_tried",
                                                    "PPO on hunts-easy (--least_tried row), played here"),
+    # A two-stage curriculum by hand: its env steps and wall time leave out the hunts-easy run's (384, ~18 min).
+    "ppo_from_hunts_easy": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --model_name_or_path "
+                            "outputs/results/hunts-easy/ppo_score_least_tried --num_iterations 6 --output_dir {out}",
+                            None, "PPO as above, 6 iterations, from the hunts-easy model"),
 })
+EXPERIMENTS["cooking-levels"]["ppo_score_least_tried"] = (
+    "python ppo_textworld.py configs/ppo_cooking_levels.yaml --output_dir {out}", None,
+    "PPO, score, --least_tried, --mark_tried")
 EXPERIMENTS["hunts-unseen"] = {
     "random": baselines("hunts-unseen")["random"],
     **least_tried_baselines("hunts-unseen"),
