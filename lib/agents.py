@@ -74,8 +74,6 @@ class Agent(abc.ABC):
         return {}
 
 
-
-
 class WalkthroughAgent(Agent):
     """Replays the walkthrough tw-make stored in the game: step i sends walkthrough[i], then `look` past its end."""
 
@@ -238,8 +236,8 @@ class ScoringAgent(_EpisodeMemory):
         self.chosen: list[int | None] = []  # per slot, the index of the latest command among them
 
     def slot_candidates(self, slot: int, state: GameState) -> list[str]:
-        """The commands scored for `slot` in `state`: lib.agents.candidate_commands, without the tried ones with
-        least_tried."""
+        """The commands scored for `slot` in `state`: lib.agents.candidate_commands, with least_tried the ones the
+        slot's episode played least often from this observation."""
         config = self.scoring_config
         played = played_here(state, self.histories[slot]) if config.least_tried and slot < len(self.histories) else ()
         return candidate_commands(state, config.max_candidates, played=played)
