@@ -15,7 +15,7 @@ import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command
+from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command, played_here
 from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
@@ -43,10 +43,9 @@ def least_played(commands: list[str], played: list[str]) -> list[str]:
     return [command for command in commands if counts[command] == fewest]
 
 
-def played_here(state: GameState, history: list[Turn]) -> list[str]:
+def played_in_state(state: GameState, history: list[Turn]) -> list[str]:
     """The commands `history` (the episode's turns so far) played from `state`'s observation, repeats included."""
-    observation = clean_observation(state.observation, state.objective)
-    return [turn.command for turn in history if turn.observation == observation]
+    return played_here(clean_observation(state.observation, state.objective), history)
 
 
 class SessionEnded(Exception):
@@ -212,7 +211,7 @@ class RandomAgent(_EpisodeMemory):
             if state is None:
                 commands.append(None)
                 continue
-            played = played_here(state, self.histories[slot]) if self.least_tried else ()
+            played = played_in_state(state, self.histories[slot]) if self.least_tried else ()
             commands.append(self.rng.choice(least_played(state.admissible_commands, played) or [FALLBACK_COMMAND]))
         return commands
 
@@ -239,7 +238,7 @@ class ScoringAgent(_EpisodeMemory):
         """The commands scored for `slot` in `state`: lib.agents.candidate_commands, with least_tried the ones the
         slot's episode played least often from this observation."""
         config = self.scoring_config
-        played = played_here(state, self.histories[slot]) if config.least_tried and slot < len(self.histories) else ()
+        played = played_in_state(state, self.histories[slot]) if config.least_tried else ()
         return candidate_commands(state, config.max_candidates, played=played)
 
     def act(self, states, prompts):
@@ -272,11 +271,10 @@ class _EpisodeContextAgent(_EpisodeMemory):
     needs_prompts = False
 
     def _begin(self, states, reply_room) -> list[int]:
-        """The active slots, each slot's stream given this turn's tokens (`reply_room(slot)`: its longest reply)."""
+        """The active slots, each slot's stream given this turn's tokens (`reply_room(slot)`: its longest reply); the
+        states are remembered (`_remember`) already."""
         if self.context is None or len(self.context.streams.ids) != len(states):
             self.context = EpisodeContext(len(states), self.prompt_config, self.tokenizer, self.max_context_tokens)
-            self.histories = [[] for _ in states]
-        self._remember(states)
         active = [slot for slot, state in enumerate(states) if state is not None]
         for slot in active:
             self.context.begin(slot, states[slot], self.histories[slot], reply_room(slot))
@@ -300,6 +298,7 @@ class EpisodeScoringAgent(_EpisodeContextAgent, ScoringAgent):
 
     def act(self, states, prompts):
         config = self.scoring_config
+        self._remember(states)
         self.candidates, self.chosen = [None] * len(states), [None] * len(states)
         candidate_ids: list[list[list[int]] | None] = [None] * len(states)
         for slot, state in enumerate(states):
@@ -331,6 +330,7 @@ class EpisodeModelAgent(_EpisodeContextAgent, ModelAgent):
         self.context = None
 
     def act(self, states, prompts):
+        self._remember(states)
         active = self._begin(states, lambda slot: self.generation_config.max_new_tokens)
         commands: list[str | None] = [None] * len(states)
         self.texts = [None] * len(states)

@@ -151,9 +151,10 @@ class Turn:
     command: str
 
 
-def tried_here(observation: str, history: list[Turn]) -> list[str]:
-    """The commands the episode's earlier turns played from this same (cleaned) observation, first played first."""
-    return list(dict.fromkeys(turn.command for turn in history if turn.observation == observation))
+def played_here(observation: str, history: list[Turn]) -> list[str]:
+    """The commands the episode's earlier turns played from this same (cleaned) observation, in order, repeats
+    included (--mark_tried names each once; score mode's --least_tried counts them)."""
+    return [turn.command for turn in history if turn.observation == observation]
 
 
 def current_message(observation: str, inventory: str, admissible_commands: list[str], config: PromptConfig,
@@ -232,7 +233,8 @@ def build_prompt(
 def _fit_prompt(objective, observation, inventory, admissible_commands, history, config, tokenizer, budget: int):
     """The prompt cut to `budget` tokens as far as memory, examples, hint and observation go, and its length (over
     `budget` when what cannot be cut is)."""
-    tried = tried_here(observation, history) if config.mark_tried else []  # from the whole episode, before the cut
+    # From the whole episode, before the memory is cut; each command once, first played first.
+    tried = list(dict.fromkeys(played_here(observation, history))) if config.mark_tried else []
     history = history[-config.memory_turns :] if config.memory_turns else []
     examples = EXAMPLE_TURNS[: config.num_examples]
 

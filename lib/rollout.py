@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from lib.agents import Agent, candidate_commands, played_here
+from lib.agents import Agent, candidate_commands, played_in_state
 from lib.engines import engine_of
 from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
@@ -382,7 +382,7 @@ class ScoringRolloutCollector(RolloutCollector):
         """The state's candidate commands (lib.agents.candidate_commands; with least_tried, those the episode played
         least often from this observation) and their answer ids."""
         config = self.scoring_config
-        played = played_here(self.states[slot], self.histories[slot]) if config.least_tried else ()
+        played = played_in_state(self.states[slot], self.histories[slot]) if config.least_tried else ()
         commands = candidate_commands(self.states[slot], config.max_candidates, played=played)
         return commands, encode_candidates([commands], self.prompt_config, self.tokenizer)[0]
 

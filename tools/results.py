@@ -100,10 +100,16 @@ def baselines(game_set: str, walkthrough_label: str = "walkthrough") -> dict:
     }
 
 
+def eval_flags(game_set: str) -> dict[str, str]:
+    """EVAL[game_set] as {flag: value}: `--num_episodes 12 ...` -> {"--num_episodes": "12", ...}."""
+    words = EVAL[game_set].split()
+    return dict(zip(words[::2], words[1::2]))
+
+
 def engine_experiments(game_set: str) -> dict:
     """A TextWorldExpress or ScienceWorld set's experiments: the baselines, the zero-shot model in both modes and the
     trainers with their defaults, trained on the set's train split and evaluated on its eval split."""
-    flags = dict(zip(EVAL[game_set].split()[::2], EVAL[game_set].split()[1::2]))
+    flags = eval_flags(game_set)
     play = f"python play.py {EVAL[game_set]} --output_dir {{out}}"
     train = (f"--train_games {flags['--games']} --eval_games {flags['--games']} --eval_episodes "
              f"{flags['--num_episodes']} --max_episode_turns {flags['--max_episode_turns']} --output_dir {{out}}")
@@ -158,7 +164,7 @@ EXPERIMENTS["hunts-hard"].update({
                                                    "PPO on hunts-easy (--least_tried row), played here"),
     # A two-stage curriculum by hand: its env steps and wall time leave out the hunts-easy run's (384, ~18 min).
     "ppo_from_hunts_easy": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --model_name_or_path "
-                            "outputs/results/hunts-easy/ppo_score_least_tried --num_iterations 6 --output_dir {out}",
+                            f"{RESULTS_DIR / 'hunts-easy/ppo_score_least_tried'} --num_iterations 6 --output_dir {{out}}",
                             None, "PPO as above, 6 iterations, from the hunts-easy model"),
 })
 EXPERIMENTS["cooking-levels"]["ppo_score_least_tried"] = (
@@ -237,16 +243,9 @@ def wilson_interval(successes: float, trials: int, z: float = 1.96) -> tuple[flo
     return max(0.0, center - half), min(1.0, center + half)
 
 
-def episodes_of(game_set: str) -> int:
-    """The eval episodes behind each row of a set: its protocol's (EVAL), which every agent and trainer of it plays."""
-    words = EVAL[game_set].split()
-    return int(words[words.index("--num_episodes") + 1])
-
-
 def protocol(game_set: str) -> str:
     """`--num_episodes 12 --max_episode_turns 12` -> `num_episodes=12, max_episode_turns=12`."""
-    words = EVAL[game_set].replace("--", "").split()
-    return ", ".join(f"{key}={value}" for key, value in zip(words[::2], words[1::2]))
+    return ", ".join(f"{flag.removeprefix('--')}={value}" for flag, value in eval_flags(game_set).items())
 
 
 def markdown(rows: list[dict]) -> str:
@@ -260,7 +259,8 @@ def markdown(rows: list[dict]) -> str:
             "| method | normalized score | win rate [95% interval] | invalid rate | env steps | wall time | machine |",
             "|---|---|---|---|---|---|---|",
         ]
-        episodes = episodes_of(game_set)
+        # Every agent and trainer of a set plays its protocol's episodes (EVAL).
+        episodes = int(eval_flags(game_set)["--num_episodes"])
         for row in chosen:
             low, high = wilson_interval(row["win_rate"] * episodes, episodes)
             lines.append(
