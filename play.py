@@ -21,8 +21,8 @@ printed and written (`"partial": true`), the game processes end, and the exit co
 `--action_mode score` makes the model choose among the admissible commands (at most --max_candidates, scored by the
 sum, or with --length_normalize the mean, of their tokens' log-probs): the best one, or with --do_sample one sampled
 from the softmax over the scores at --temperature; with --least_tried, among the commands its episode played least
-often from the same observation (the untried ones first: a greedy choice otherwise repeats itself in a deterministic
-game). Its transcripts add each turn's `candidates` and `chosen_index`.
+often at the same place (the untried ones first: a greedy choice otherwise repeats itself in a deterministic game;
+README "Admissible-command scoring" says what counts). Its transcripts add each turn's `candidates` and `chosen_index`.
 
 A model from a training output folder plays the way it was trained: the prompt and scoring settings (TRAINING_SETTINGS)
 default to those in the training_args.json of the folder it loads, unless given as flags; one printed line and
@@ -160,7 +160,7 @@ class Args:
     least_tried: bool = field(
         default=ScoringConfig.least_tried,
         metadata={"help": "score mode and the random agent: choose among the commands the episode played least often "
-                          "from the same observation (untried first)"},
+                          "at the same place (untried first)"},
     )
     do_sample: bool = field(
         default=False, metadata={"help": "sample commands (score mode: from the candidates' softmax) instead of greedy"}

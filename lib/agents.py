@@ -15,19 +15,23 @@ import torch
 
 from lib.env import GameState, StepResult
 from lib.generation import Generated, GenerationConfig, generate
-from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command, played_here
+from lib.prompts import PromptConfig, Turn, clean_inventory, clean_observation, parse_command
 from lib.scoring import ScoringConfig, candidate_logprobs, choose_candidate, encode_candidates, select_candidates
 from lib.streams import EpisodeContext, candidate_turn, generate_turn
 
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
 QUIT_COMMANDS = ("quit", "exit", "q")
+# Each exit's direction and the one leading back (TextWorld's and TextWorldExpress's maps are grids).
+OPPOSITE_DIRECTIONS = {"north": "south", "south": "north", "east": "west", "west": "east", "up": "down", "down": "up",
+                       "northeast": "southwest", "southwest": "northeast", "northwest": "southeast",
+                       "southeast": "northwest"}
 HELP_COMMAND = "help"
 
 
 def candidate_commands(state: GameState, max_candidates: int, *, played: list[str] = ()) -> list[str]:
-    """The commands score mode weighs in `state`: its admissible ones played least often in `played` (the commands
-    the episode played from this state's observation, repeats included: ScoringConfig.least_tried), under the cap
+    """The commands score mode weighs in `state`: its admissible ones played least often in `played` (what the
+    episode played at this state's place, repeats included: ScoringConfig.least_tried, `played_at`), under the cap
     (lib.scoring.select_candidates, relevance read from the objective, observation and inventory); a state without
     admissible commands still gets a turn, with the harmless fallback as its one candidate."""
     context = "\n".join((state.objective, state.observation, state.inventory))
@@ -43,9 +47,42 @@ def least_played(commands: list[str], played: list[str]) -> list[str]:
     return [command for command in commands if counts[command] == fewest]
 
 
-def played_in_state(state: GameState, history: list[Turn]) -> list[str]:
-    """The commands `history` (the episode's turns so far) played from `state`'s observation, repeats included."""
-    return played_here(clean_observation(state.observation, state.objective), history)
+def place_of(state: GameState) -> str:
+    """Where a turn is played, as --least_tried counts: the engine's location (TextWorld's room, the same after `look`
+    or `inventory`), else the cleaned observation."""
+    return state.location or clean_observation(state.observation, state.objective)
+
+
+def past_turn(before: GameState, command: str, after: GameState) -> Turn:
+    """The turn that played `command` in `before` and led to `after`, as an episode's history keeps it."""
+
+    def situation(state: GameState) -> tuple:
+        return place_of(state), state.score, clean_inventory(state.inventory), tuple(state.admissible_commands)
+
+    return Turn(clean_observation(before.observation, before.objective), command, place=place_of(before),
+                changed=situation(before) != situation(after))
+
+
+def way_back(command: str) -> str | None:
+    """The command that undoes a move (`go east` -> `go west`), or None for a command that names no direction."""
+    words = command.split()
+    back = [OPPOSITE_DIRECTIONS.get(word, word) for word in words]
+    return " ".join(back) if back != words else None
+
+
+def played_at(place: str, history: list[Turn]) -> list[str]:
+    """What --least_tried counts as played at `place`, from the episode's turns so far (which end at `place`),
+    repeats included: the commands played there; for each arrival there from elsewhere, the way back (the exit came
+    in by, which a depth-first explorer leaves for last); and every command that changed nothing where it was
+    played, wherever that was (`look`, `inventory`: once in an episode tells what they tell)."""
+    arrivals = [turn.place for turn in history[1:]] + [place]
+    played = []
+    for turn, arrival in zip(history, arrivals):
+        if turn.place == place or not turn.changed:
+            played.append(turn.command)
+        elif arrival == place and (back := way_back(turn.command)) is not None:
+            played.append(back)
+    return played
 
 
 class SessionEnded(Exception):
@@ -187,15 +224,14 @@ class _EpisodeMemory(Agent):
         for slot, result in enumerate(results):
             if result is None:
                 continue
-            before = self.last_states[slot]
-            self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), result.command))
+            self.histories[slot].append(past_turn(self.last_states[slot], result.command, result.state))
             if result.done:
                 self.histories[slot] = []
 
 
 class RandomAgent(_EpisodeMemory):
     """Uniform over the admissible commands, with its own random generator; with `least_tried`, over those its episode
-    played least often from the same observation (as score mode's --least_tried)."""
+    played least often at the same place (as score mode's --least_tried)."""
 
     name = "random"
 
@@ -211,7 +247,7 @@ class RandomAgent(_EpisodeMemory):
             if state is None:
                 commands.append(None)
                 continue
-            played = played_in_state(state, self.histories[slot]) if self.least_tried else ()
+            played = played_at(place_of(state), self.histories[slot]) if self.least_tried else ()
             commands.append(self.rng.choice(least_played(state.admissible_commands, played) or [FALLBACK_COMMAND]))
         return commands
 
@@ -219,7 +255,7 @@ class RandomAgent(_EpisodeMemory):
 class ScoringAgent(_EpisodeMemory):
     """A causal LM choosing among the admissible commands: each candidate scored by lib.scoring (the active slots'
     prompts and all their candidates in two forwards), then the best one, or one sampled from the softmax over the
-    scores with `do_sample`; with `least_tried`, among those its episode played least often from the same observation.
+    scores with `do_sample`; with `least_tried`, among those its episode played least often at the same place.
     Transcripts add each turn's `candidates` and `chosen_index`."""
 
     name = "model-score"
@@ -236,9 +272,9 @@ class ScoringAgent(_EpisodeMemory):
 
     def slot_candidates(self, slot: int, state: GameState) -> list[str]:
         """The commands scored for `slot` in `state`: lib.agents.candidate_commands, with least_tried the ones the
-        slot's episode played least often from this observation."""
+        slot's episode played least often at this place."""
         config = self.scoring_config
-        played = played_in_state(state, self.histories[slot]) if config.least_tried else ()
+        played = played_at(place_of(state), self.histories[slot]) if config.least_tried else ()
         return candidate_commands(state, config.max_candidates, played=played)
 
     def act(self, states, prompts):

@@ -29,7 +29,7 @@ class RolloutArguments:
     action_mode: str = field(default="score", metadata={"help": f"How the policy acts: {' or '.join(ACTION_MODES)} (write a command, or choose among the admissible commands by their log-probs, lib/scoring.py)."})
     max_candidates: int = field(default=ScoringConfig.max_candidates, metadata={"help": "Score mode: admissible commands scored per turn at most (over it: verbs in turn, the objects the state's text mentions first; examine/look/inventory last)."})
     length_normalize: bool = field(default=ScoringConfig.length_normalize, metadata={"help": "Score mode: a command's score is the mean of its tokens' log-probs instead of the sum."})
-    least_tried: bool = field(default=ScoringConfig.least_tried, metadata={"help": "Score mode: choose among the commands the episode played least often from the same observation (untried ones first; greedy policies stop looping)."})
+    least_tried: bool = field(default=ScoringConfig.least_tried, metadata={"help": "Score mode: choose among the commands the episode played least often at the same place (untried ones first; greedy policies stop looping)."})
     max_new_tokens: int = field(default=10, metadata={"help": "Longest response in tokens (generation stops at a newline)."})
     temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
     top_k: int = field(default=0, metadata={"help": "Top-k sampling (0: off)."})

@@ -21,6 +21,7 @@ takes back the progress made. Every engine's rewards are then on the scale of Te
 
 The walkthrough is TextWorld's stored walkthrough, or the gold path that TextWorldExpress and ScienceWorld generate.
 Admissible commands come sorted and without duplicates from every engine (TextWorldExpress can list one twice).
+The location (the player's room) comes from TextWorld only; the Java engines leave it empty.
 """
 
 import importlib.util
@@ -132,11 +133,11 @@ def missing_requirement(engine: str) -> str | None:
 
 def pack(observation: str, score: float, max_score: float, moves: int, won: bool, lost: bool,
          admissible_commands: list[str], objective: str, inventory: str, walkthrough: list[str] | None,
-         done: bool) -> dict:
+         done: bool, location: str = "") -> dict:
     """One engine's answer, as BatchEnv reads it (GameState's fields and whether the engine ended the episode)."""
     return {"observation": observation, "score": score, "max_score": max_score, "moves": moves, "won": won,
             "lost": lost, "admissible_commands": sorted(set(admissible_commands)), "objective": objective,
-            "inventory": inventory, "walkthrough": walkthrough, "done": done}
+            "inventory": inventory, "walkthrough": walkthrough, "location": location, "done": done}
 
 
 def emulator_failure(observation: str) -> str | None:
@@ -153,8 +154,9 @@ class TextWorldEngine:
     def __init__(self):
         from textworld import EnvInfos
 
+        # facts: where the player is (at(P, room)), from the state tracking that admissible commands already need.
         self.infos = EnvInfos(admissible_commands=True, objective=True, inventory=True, max_score=True, score=True,
-                              moves=True, won=True, lost=True, extras=["walkthrough"])
+                              moves=True, won=True, lost=True, facts=True, extras=["walkthrough"])
         self.env, self.loaded = None, None
 
     def reset(self, game: str) -> dict:
@@ -178,11 +180,17 @@ class TextWorldEngine:
         return pack(observation, int(game_state["score"] or 0), int(game_state["max_score"] or 0),
                     int(game_state["moves"] or 0), bool(game_state["won"]), bool(game_state["lost"]),
                     list(game_state["admissible_commands"] or []), game_state["objective"] or "",
-                    game_state["inventory"] or "", game_state.get("extra.walkthrough"), bool(done))
+                    game_state["inventory"] or "", game_state.get("extra.walkthrough"), bool(done),
+                    _player_room(game_state["facts"] or []))
 
     def close(self) -> None:
         if self.env is not None:
             self.env.close()
+
+
+def _player_room(facts) -> str:
+    """The name of the room the player is in, from TextWorld's facts (`at(P, room)`); '' when none says."""
+    return next((fact.arguments[1].name for fact in facts if fact.name == "at" and fact.arguments[0].type == "P"), "")
 
 
 class ExpressEngine:

@@ -69,6 +69,7 @@ class GameState:
     inventory: str
     walkthrough: list[str] | None
     steps: int = 0  # commands sent in this episode (TextWorld's `moves` skips some)
+    location: str = ""  # the room the player is in, where the engine says (TextWorld); else ''
 
 
 def state_key(state: GameState) -> str:

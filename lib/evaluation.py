@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
-from lib.agents import Agent, SessionEnded
+from lib.agents import Agent, SessionEnded, past_turn
 from lib.engines import engine_of
 from lib.env import BatchEnv
 from lib.games import game_name
@@ -257,7 +257,7 @@ def evaluate(
                     histories[slot], invalid[slot] = [], 0
                     bar.update()
                 else:
-                    histories[slot].append(Turn(observations[slot], result.command))
+                    histories[slot].append(past_turn(states[slot], result.command, after))
             states = env.states  # a slot the agent left without a command holds where it was
     bar.close()
     return EvalResult(summarize_episodes(episodes, agent.name, names), transcripts)

@@ -145,10 +145,13 @@ class PromptConfig:
 
 @dataclass
 class Turn:
-    """A past turn as the model saw it: the cleaned observation, then the command it gave."""
+    """A past turn as the model saw it: the cleaned observation, then the command it gave; and, for score mode's
+    --least_tried (lib.agents.played_at), where it was played and whether it changed anything there."""
 
     observation: str
     command: str
+    place: str = ""  # lib.agents.place_of the state it was played from
+    changed: bool = True  # False: the place, score, inventory and admissible commands stayed as they were
 
 
 def played_here(observation: str, history: list[Turn]) -> list[str]:

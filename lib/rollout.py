@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from lib.agents import Agent, candidate_commands, played_in_state
+from lib.agents import Agent, candidate_commands, past_turn, place_of, played_at
 from lib.engines import engine_of
 from lib.env import BatchEnv, GameState, state_key
 from lib.evaluation import evaluate, rank_episodes
@@ -245,7 +245,7 @@ class RolloutCollector:
                 )
                 rollout.transitions.append(turn)
                 rollout.generated_tokens += len(turn.response_ids)
-                self.histories[slot].append(Turn(clean_observation(before.observation, before.objective), turn.command))
+                self.histories[slot].append(past_turn(before, turn.command, result.state))
                 self.returns[slot] += turn.reward
                 if result.terminated:
                     turn.next_value = 0.0
@@ -380,9 +380,9 @@ class ScoringRolloutCollector(RolloutCollector):
 
     def candidates(self, slot: int) -> tuple[list[str], list[list[int]]]:
         """The state's candidate commands (lib.agents.candidate_commands; with least_tried, those the episode played
-        least often from this observation) and their answer ids."""
+        least often at this place) and their answer ids."""
         config = self.scoring_config
-        played = played_in_state(self.states[slot], self.histories[slot]) if config.least_tried else ()
+        played = played_at(place_of(self.states[slot]), self.histories[slot]) if config.least_tried else ()
         commands = candidate_commands(self.states[slot], config.max_candidates, played=played)
         return commands, encode_candidates([commands], self.prompt_config, self.tokenizer)[0]
 
@@ -497,7 +497,7 @@ class _RewardRecorder(Agent):
                 "invalid": result.invalid,
                 "done": result.done,
             })
-            history.append(Turn(clean_observation(before.observation, before.objective), result.command))
+            history.append(past_turn(before, result.command, after))
             if result.done:
                 history.clear()
 

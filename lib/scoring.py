@@ -48,8 +48,8 @@ class ScoringConfig:
     length_normalize: bool = False
     do_sample: bool = False  # greedy: the best-scoring candidate
     temperature: float = 1.0
-    # Choose among the commands the episode played least often from this same observation (the untried ones while
-    # there are): the game is deterministic, so a repeat learns nothing new, and a greedy policy otherwise loops.
+    # Choose among the commands the episode played least often at this place (lib.agents.played_at; the untried ones
+    # while there are): the game is deterministic, so a repeat learns nothing new, and a greedy policy otherwise loops.
     least_tried: bool = False
 
     def __post_init__(self):

@@ -265,3 +265,16 @@ def test_state_key_names_the_state_whatever_the_path(small_games):
         assert state_key(there.state) != state_key(here.state)
         back, _ = env.step([opposite[exit_], "look"])
         assert state_key(back.state) == start and back.state.steps == 3
+
+
+def test_textworld_location_is_the_players_room(small_games):
+    """--least_tried's places: the room, which `look` and `inventory` keep and an exit changes, coming back as it was."""
+    opposite = {"go east": "go west", "go west": "go east", "go north": "go south", "go south": "go north"}
+    with BatchEnv(small_games[:1], num_envs=1) as env:
+        start = env.reset()[0]
+        assert start.location
+        assert [env.step([command])[0].state.location for command in ("look", "inventory")] == [start.location] * 2
+        exit_ = next(command for command in start.admissible_commands if command in opposite)
+        there = env.step([exit_])[0].state
+        assert there.location not in ("", start.location)
+        assert env.step([opposite[exit_]])[0].state.location == start.location

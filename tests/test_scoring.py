@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -7,10 +8,17 @@ from datasets import load_from_disk
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import play
-from lib.agents import EpisodeScoringAgent, ScoringAgent, candidate_commands
+from lib.agents import (
+    EpisodeScoringAgent,
+    ScoringAgent,
+    candidate_commands,
+    past_turn,
+    played_at,
+    way_back,
+)
 from lib.env import GameState, StepResult
 from lib.models import load_model, load_tokenizer
-from lib.prompts import EXAMINE_VERBS, PromptConfig, build_prompt
+from lib.prompts import EXAMINE_VERBS, PromptConfig, Turn, build_prompt
 from lib.scoring import (
     ScoringConfig,
     candidate_logprobs,
@@ -225,6 +233,39 @@ def test_scoring_agent_skips_idle_slots_and_falls_back(tiny):
     assert agent.act([None], [None]) == [None]
 
 
+def test_played_at_counts_a_place_its_way_back_and_what_changed_nothing():
+    history = [
+        Turn("A cellar.", "look", place="cellar", changed=False),  # changed nothing: counts in every place
+        Turn("A cellar.", "go east", place="cellar"),  # into the hall: its way back, "go west", counts there
+        Turn("A hall.", "open box", place="hall"),
+        Turn("A hall.", "go north", place="hall"),  # into the attic: "go south" counts there
+        Turn("An attic.", "go south", place="attic"),  # back into the hall: "go north" counts there
+    ]
+    assert played_at("cellar", history[:1]) == ["look"]
+    assert played_at("hall", history[:2]) == ["look", "go west"]
+    assert played_at("attic", history[:4]) == ["look", "go south"]
+    assert played_at("hall", history) == ["look", "go west", "open box", "go north", "go north"]
+    back_west = history + [Turn("A hall.", "go west", place="hall")]  # into the cellar: "go east" counts there
+    assert played_at("cellar", back_west) == ["look", "go east", "go east"]
+    assert [way_back(command) for command in ("go east", "go northeast", "climb up", "take coin")] == [
+        "go west", "go southwest", "climb down", None]
+
+
+def test_past_turn_knows_its_place_and_whether_it_changed_anything():
+    cellar = game_state(["go west", "look"])
+    cellar.location = "cellar"
+    looked = copy.copy(cellar)
+    looked.observation = "-= Cellar =-\nA cellar, again."  # the answer differs; the place and what can be done do not
+    turn = past_turn(cellar, "look", looked)
+    assert (turn.observation, turn.command, turn.place, turn.changed) == ("A cellar.", "look", "cellar", False)
+    for field, value in (("location", "attic"), ("score", 1), ("inventory", "a coin"), ("admissible_commands", [])):
+        after = copy.copy(cellar)
+        setattr(after, field, value)
+        assert past_turn(cellar, "take coin", after).changed, field
+    unnamed = game_state(["look"])  # an engine that names no location: the cleaned observation is the place
+    assert past_turn(unnamed, "look", unnamed).place == "A cellar."
+
+
 def test_candidate_commands_with_played_ones_keep_the_least_played():
     state = game_state(["examine coin", "go west", "take coin"])
     assert candidate_commands(state, 32, played=["take coin", "look"]) == ["examine coin", "go west"]
@@ -235,19 +276,19 @@ def test_candidate_commands_with_played_ones_keep_the_least_played():
 
 
 @pytest.mark.parametrize("context", ["window", "episode"])
-def test_scoring_agent_with_least_tried_plays_each_command_of_an_observation_once(tiny, context):
+def test_scoring_agent_with_least_tried_plays_each_command_of_a_place_once(tiny, context):
     """A greedy choice in an unchanged state would repeat itself forever; with least_tried the agent plays every
-    admissible command of a repeated observation once before any twice, and forgets with the episode's end."""
+    admissible command of a place once before any twice, and forgets with the episode's end."""
     model, tokenizer = tiny
     config = PromptConfig()
     admissible = ["examine coin", "go west", "take coin"]
-    cellar, attic = game_state(admissible), game_state(admissible)
-    attic.observation = "An attic."
+    cellar, attic, hall = game_state(admissible), game_state(admissible), game_state([])
+    cellar.location, attic.location, hall.location = "cellar", "attic", "hall"
     prompt = build_prompt(cellar.objective, cellar.observation, cellar.inventory, admissible, [], config, tokenizer)
 
     def play(agent, state, done=False):
         command = agent.act([state], [prompt])[0]
-        agent.observe([StepResult(command, 0.0, done, False, state, state)])
+        agent.observe([StepResult(command, 0.0, done, False, hall, hall)])  # each command leads to the hall
         return command, agent.candidates[0]
 
     def make_agent(scoring_config):
@@ -256,10 +297,13 @@ def test_scoring_agent_with_least_tried_plays_each_command_of_an_observation_onc
         return ScoringAgent(model, tokenizer, config, scoring_config)
 
     agent = make_agent(ScoringConfig(least_tried=True))
+    play(agent, cellar)
+    assert play(agent, attic)[1] == admissible  # the same text, another room: nothing tried there
+    agent = make_agent(ScoringConfig(least_tried=True))
     played = [play(agent, cellar) for _ in range(3)]
     assert sorted(command for command, _ in played) == sorted(admissible)
     assert [len(candidates) for _, candidates in played] == [3, 2, 1]
-    assert play(agent, attic)[1] == admissible  # another observation: nothing tried there
+    assert play(agent, attic)[1] == admissible  # another place: nothing tried there
     assert play(agent, cellar)[1] == admissible  # every command tried here once: a second round
     assert len(play(agent, cellar, done=True)[1]) == 2
     assert [len(play(agent, cellar)[1]) for _ in range(2)] == [3, 2]  # a new episode: from scratch

@@ -128,8 +128,8 @@ EXPERIMENTS.update({game_set: engine_experiments(game_set) for game_set in ("twx
 
 
 def least_tried_baselines(game_set: str) -> dict:
-    """The random agent and the zero-shot model choosing among the commands played least often from the same
-    observation (--least_tried): how much of a trained policy's score the exploration rule alone gives."""
+    """The random agent and the zero-shot model choosing among the commands played least often at the same
+    place (--least_tried): how much of a trained policy's score the exploration rule alone gives."""
     play = f"python play.py --least_tried {EVAL[game_set]} --output_dir {{out}}"
     return {
         "random_least_tried": (play.replace("play.py", "play.py --agent random"), None,
@@ -145,9 +145,10 @@ EXPERIMENTS["hunts-easy"].update({
                   "PPO, score, --mark_tried, revisit reward"),
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
-    # The same run with another seed: how much of the row above is its seed's luck.
-    "ppo_score_least_tried_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --seed 1 --output_dir {out}",
-                                    None, "the same, --seed 1"),
+    # The same recipe without a value head: each episode against the 3 others of its group on the same game, and
+    # each turn against the group's turns from the same state.
+    "ppo_gigpo": (("python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator gigpo --group_size 4 "
+                   "--output_dir {out}"), None, "the same, --advantage_estimator gigpo --group_size 4"),
 })
 
 
@@ -160,16 +161,22 @@ def played_elsewhere(game_set: str, trained: str, label: str) -> tuple:
 EXPERIMENTS["hunts-hard"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
+    # The same without the revisit cost (the mixture's reward): the row above lost held-out wins.
+    "ppo_score_least_tried_no_revisit": (("python ppo_textworld.py configs/ppo_hunts_hard.yaml --reward "
+                                          "score,win,invalid --output_dir {out}"), None,
+                                         "PPO, score, --least_tried, --mark_tried (no revisit reward)"),
     "hunts_easy_ppo_least_tried": played_elsewhere("hunts-hard", "hunts-easy/ppo_score_least_tried",
                                                    "PPO on hunts-easy (--least_tried row), played here"),
-    # A two-stage curriculum by hand: its env steps and wall time leave out the hunts-easy run's (384, ~18 min).
-    "ppo_from_hunts_easy": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --model_name_or_path "
-                            f"{RESULTS_DIR / 'hunts-easy/ppo_score_least_tried'} --num_iterations 6 --output_dir {{out}}",
-                            None, "PPO as above, 6 iterations, from the hunts-easy model"),
 })
 EXPERIMENTS["cooking-levels"]["ppo_score_least_tried"] = (
     "python ppo_textworld.py configs/ppo_cooking_levels.yaml --output_dir {out}", None,
     "PPO, score, --least_tried, --mark_tried")
+# One model for the three kinds (configs/ppo_mixture.yaml, evaluated on hunts-hard as it trains), played on each.
+MIXTURE_LABEL = "PPO on the mixture of hunts-easy, hunts-hard and cooking-levels, --least_tried, --mark_tried"
+EXPERIMENTS["hunts-hard"]["ppo_mixture"] = ("python ppo_textworld.py configs/ppo_mixture.yaml --output_dir {out}", None,
+                                            MIXTURE_LABEL)
+for kind in ("hunts-easy", "cooking-levels"):
+    EXPERIMENTS[kind]["ppo_mixture"] = played_elsewhere(kind, "hunts-hard/ppo_mixture", MIXTURE_LABEL + ", played here")
 EXPERIMENTS["hunts-unseen"] = {
     "random": baselines("hunts-unseen")["random"],
     **least_tried_baselines("hunts-unseen"),
