@@ -22,11 +22,11 @@ from lib.streams import EpisodeContext, candidate_turn, generate_turn
 # What an agent without a better idea sends: harmless in every TextWorld game.
 FALLBACK_COMMAND = "look"
 QUIT_COMMANDS = ("quit", "exit", "q")
+HELP_COMMAND = "help"
 # Each exit's direction and the one leading back (TextWorld's and TextWorldExpress's maps are grids).
 OPPOSITE_DIRECTIONS = {"north": "south", "south": "north", "east": "west", "west": "east", "up": "down", "down": "up",
                        "northeast": "southwest", "southwest": "northeast", "northwest": "southeast",
                        "southeast": "northwest"}
-HELP_COMMAND = "help"
 
 
 def candidate_commands(state: GameState, max_candidates: int, *, played: list[str] = ()) -> list[str]:

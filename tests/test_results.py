@@ -4,6 +4,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -82,3 +83,26 @@ def test_every_experiment_command_parses(game_set, name, monkeypatch):
         assert parsed[0].output_dir == "outputs/results/x"
     else:
         assert module.parse_args(argv).output_dir == "outputs/results/x"
+
+
+def test_run_skips_finished_experiments_and_stops_at_unfinished_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    ran = []
+
+    def fake_run(argv, cwd):
+        ran.append(argv)
+        (Path(cwd) / argv[argv.index("--output_dir") + 1]).mkdir(parents=True)
+        return SimpleNamespace(returncode=0)
+
+    monkeypatch.setattr(results.subprocess, "run", fake_run)
+    monkeypatch.setattr(results, "machine_description", lambda: "m")
+    finished = tmp_path / results.RESULTS_DIR / "default" / "random"
+    finished.mkdir(parents=True)
+    (finished / results.RESULT_FILE).write_text("{}")
+    results.run([("default", "random"), ("default", "walkthrough")])
+    assert "[default/random] done already, skipped" in capsys.readouterr().out
+    assert len(ran) == 1 and "walkthrough" in " ".join(ran[0])
+    (tmp_path / results.RESULTS_DIR / "default" / "zero_shot_score").mkdir()  # a run that stopped half-way
+    with pytest.raises(SystemExit, match="unfinished run"):
+        results.run([("default", "zero_shot_score")])
+    assert len(ran) == 1

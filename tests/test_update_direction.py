@@ -234,7 +234,7 @@ def test_stream_losses_equal_the_window_losses_on_the_same_tokens(tiny_model_pat
         loss, stats, _ = loss_fn(model, turns=turns, batch=batch, index=index, advantages=advantages, returns=returns)
         loss.backward()
         gradient = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-        results.append((float(loss), stats, gradient))
+        results.append((loss.item(), stats, gradient))
     (window_loss, window_stats, window_gradient), (stream_loss, stream_stats, stream_gradient) = results
     assert stream_loss == pytest.approx(window_loss, abs=1e-5)
     assert stream_stats.keys() == window_stats.keys()

@@ -6,7 +6,8 @@
                                                    # (experiments not run here keep their rows of docs/results.json)
 
 Each experiment is one command line (below) writing to outputs/results/<set>/<name>/; `run` times it and writes
-result.json there (command, wall time, machine). `table` reads every result.json with its run's own report: play.py's
+result.json there (command, wall time, machine); an experiment with its result.json is skipped, so that a run stopped
+half-way goes on with the next one. `table` reads every result.json with its run's own report: play.py's
 report.json, or a trainer's last trainer_state.json (its final held-out evaluation, environment steps, and the
 evaluations along the way for the curves). An experiment that starts from another's model (`after`) counts that
 one's environment steps and wall time too. Every row is then the held-out eval split of its game set, with the same
@@ -145,10 +146,12 @@ EXPERIMENTS["hunts-easy"].update({
                   "PPO, score, --mark_tried, revisit reward"),
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
-    # The same recipe without a value head: each episode against the 3 others of its group on the same game, and
-    # each turn against the group's turns from the same state.
-    "ppo_gigpo": (("python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator gigpo --group_size 4 "
-                   "--output_dir {out}"), None, "the same, --advantage_estimator gigpo --group_size 4"),
+    # The same recipe without a value head: each episode against the 3 others of its group on the same game (gigpo:
+    # and each turn against the group's turns from the same state).
+    **{f"ppo_{estimator}": (f"python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator {estimator} "
+                            "--group_size 4 --output_dir {out}", None,
+                            f"the same, --advantage_estimator {estimator} --group_size 4")
+       for estimator in ("grpo", "rloo", "gigpo")},
 })
 
 
@@ -203,8 +206,11 @@ def run(experiments: list[tuple[str, str]]) -> None:
         out = RESULTS_DIR / game_set / name
         if after and not (RESULTS_DIR / game_set / after / RESULT_FILE).exists():
             sys.exit(f"error: {game_set}/{name} starts from {game_set}/{after}: run that one first")
+        if (ROOT / out / RESULT_FILE).exists():  # so that a set's run goes on where it stopped
+            print(f"[{game_set}/{name}] done already, skipped: move {out} away to run it again", flush=True)
+            continue
         if (ROOT / out).exists():
-            sys.exit(f"error: {out} exists: move it away to run {game_set}/{name} again")
+            sys.exit(f"error: {out} holds an unfinished run: move it away to run {game_set}/{name} again")
         command = command.format(out=out)
         print(f"[{game_set}/{name}] {command}", flush=True)
         started = time.time()
