@@ -59,8 +59,9 @@ def past_turn(before: GameState, command: str, after: GameState) -> Turn:
     def situation(state: GameState) -> tuple:
         return place_of(state), state.score, clean_inventory(state.inventory), tuple(state.admissible_commands)
 
-    return Turn(clean_observation(before.observation, before.objective), command, place=place_of(before),
-                changed=situation(before) != situation(after))
+    start = situation(before)  # computed once: its place is the turn's
+    return Turn(clean_observation(before.observation, before.objective), command, place=start[0],
+                changed=start != situation(after))
 
 
 def way_back(command: str) -> str | None:
