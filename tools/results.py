@@ -161,6 +161,9 @@ def played_elsewhere(game_set: str, trained: str, label: str) -> tuple:
             label)
 
 
+# hunts-hard without a value head: whole episodes per iteration, so half the iterations for about PPO's env steps.
+HUNTS_HARD_CRITIC_FREE = ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --advantage_estimator {estimator} "
+                          "--group_size 4 --num_iterations 4")
 EXPERIMENTS["hunts-hard"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
@@ -173,14 +176,12 @@ EXPERIMENTS["hunts-hard"].update({
     # The same recipe from hunts-easy up: on hunts-hard once 0.8 of the last 32 training episodes are won.
     "ppo_curriculum": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --train_games 'hunts-easy > hunts-hard' "
                        "--output_dir {out}", None, "the same, curriculum hunts-easy > hunts-hard"),
-    # Without a value head; whole episodes per iteration, so half the iterations for about the same env steps.
-    **{f"ppo_{estimator}": (f"python ppo_textworld.py configs/ppo_hunts_hard.yaml --advantage_estimator {estimator} "
-                            "--group_size 4 --num_iterations 4 --output_dir {out}", None,
+    **{f"ppo_{estimator}": (HUNTS_HARD_CRITIC_FREE.format(estimator=estimator) + " --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4, 4 iterations")
        for estimator in ("rloo", "gigpo")},
-    "ppo_rloo_seed1": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --advantage_estimator rloo --group_size 4 "
-                       "--num_iterations 4 --seed 1 --output_dir {out}", None, "the same as rloo, --seed 1"),
-    # Every recipe above ends below its start (0.875): a 4x KL penalty to hold the policy nearer to it.
+    "ppo_rloo_seed1": (HUNTS_HARD_CRITIC_FREE.format(estimator="rloo") + " --seed 1 --output_dir {out}", None,
+                       "the same as rloo, --seed 1"),
+    # The PPO rows above end well below their start (0.875): a 4x KL penalty to hold the policy nearer to it.
     "ppo_kl_0.2": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --kl_coef 0.2 --output_dir {out}", None,
                    "PPO, score, --least_tried, --mark_tried, revisit reward, --kl_coef 0.2"),
 })
