@@ -43,9 +43,10 @@ What differs between the action modes is chosen once, before the loop (`collate`
     (lib/trunk.py).
   --advantage_estimator grpo, rloo or gigpo (either mode): no value head is built or saved. The slots play in groups
     of --group_size on the same game from the same start (lib.env.BatchEnv group_size), whole episodes per
-    iteration; an episode's advantage is its return (rewards, KL penalty included) against its group's, given to
-    every token of every turn of the episode: grpo normalizes it within the group (lib.losses.
-    group_relative_advantages), rloo subtracts the mean of the group's other returns (lib.losses.rloo_advantages);
+    iteration (cut at --train_max_episode_turns, when given, for cheaper iterations on long games); an episode's
+    advantage is its return (rewards, KL penalty included) against its group's, given to every token of every turn
+    of the episode: grpo normalizes it within the group (lib.losses.group_relative_advantages), rloo subtracts the
+    mean of the group's other returns (lib.losses.rloo_advantages);
     gigpo adds to grpo's, per turn, --gigpo_step_weight times the turn's return (discounted by --gamma_turn)
     normalized among the group's turns played from the same state (Transition.state_key; lib.losses.
     group_in_group_advantages).
@@ -655,7 +656,7 @@ def main(argv: list[str]) -> None:
                             training.state.get("curriculum"))
 
     def stage_env() -> BatchEnv:
-        return BatchEnv(training.train_stages[curriculum.stage], slots, run.max_episode_turns, shuffle=True,
+        return BatchEnv(training.train_stages[curriculum.stage], slots, run.training_episode_turns(), shuffle=True,
                         seed=run.seed + curriculum.stage, rank=training.process_index,
                         world_size=training.num_processes, group_size=ppo.group_size)
 

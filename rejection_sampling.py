@@ -262,8 +262,8 @@ def main(argv: list[str]) -> None:
         started = time.time()
         with gathered_for_evaluation(model, training.zero3), accelerator.autocast():
             turns, play_report = play_episodes(
-                sampling_agent, training.train_games, run.episodes_per_round, slots, run.max_episode_turns, prompts,
-                tokenizer, reward_fn, run.seed, process_index, num_processes,
+                sampling_agent, training.train_games, run.episodes_per_round, slots, run.training_episode_turns(),
+                prompts, tokenizer, reward_fn, run.seed, process_index, num_processes,
             )
         play_time = time.time() - started
         for turn in turns:

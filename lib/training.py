@@ -101,7 +101,7 @@ TRAINING_OUTPUTS = (
 RESUME_MUST_MATCH = frozenset({
     "model_name_or_path", "dtype", "trainable_layers_fraction", "value_head_type", "value_head_hidden_size",
     "detach_value_head", "advantage_estimator", "group_size", "action_mode", "train_games", "seed", "num_envs",
-    "max_episode_turns", "context", "value_learning_rate", "value_warmup_iterations",
+    "max_episode_turns", "train_max_episode_turns", "context", "value_learning_rate", "value_warmup_iterations",
 })
 
 
@@ -116,7 +116,8 @@ class RunArguments:
     eval_games: str = field(default="default", metadata={"help": "Held-out games for evaluation (a named set or spec uses its eval split; a twx- or sciworld- spec's is the engine's dev fold, its test fold with :eval_fold=test, e.g. sciworld-boil:eval_fold=test)."})
     games_dir: str | None = field(default=None, metadata={"help": "Cache for generated games (default $TEXTWORLD_RL_GAMES or ./games)."})
     num_envs: int = field(default=8, metadata={"help": "Game slots played in parallel, in total over all processes (training and evaluation)."})
-    max_episode_turns: int = field(default=12, metadata={"help": "Turns (commands) per episode before it is truncated (training and evaluation)."})
+    max_episode_turns: int = field(default=12, metadata={"help": "Turns (commands) per episode before it is truncated (evaluation, and training unless --train_max_episode_turns)."})
+    train_max_episode_turns: int | None = field(default=None, metadata={"help": "Turns per training episode before it is truncated (default: --max_episode_turns; evaluation keeps that): a shorter cap makes whole-episode iterations cheaper on long games."})
     seed: int = field(default=0, metadata={"help": "Random seed (torch, sampling, game order)."})
     dtype: str = field(default="float32", metadata={"help": f"Weights dtype: {', '.join(DTYPES)}."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
@@ -129,6 +130,10 @@ class RunArguments:
     trainable_layers_fraction: float = field(default=0.33, metadata={"help": "Train only this last fraction of decoder layers plus the final norm (and the LM head when not tied to the input embeddings); 1 trains all."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
+    def training_episode_turns(self) -> int:
+        """Turns a training episode may last (evaluation's episodes last max_episode_turns)."""
+        return self.train_max_episode_turns or self.max_episode_turns
+
 
 def check_run_arguments(run: RunArguments, world_size: int) -> None:
     """Raise ValueError naming the flag for a bad value of the shared flags; loads no model (game files are started
@@ -136,6 +141,9 @@ def check_run_arguments(run: RunArguments, world_size: int) -> None:
     for name in ("num_envs", "max_episode_turns", "max_nonfinite_updates"):
         if not getattr(run, name) > 0:
             raise ValueError(f"--{name} must be positive, got {getattr(run, name)}")
+    if run.train_max_episode_turns is not None and run.train_max_episode_turns < 1:
+        raise ValueError(f"--train_max_episode_turns must be positive, got {run.train_max_episode_turns}; "
+                         "drop it to train on episodes as long as --max_episode_turns")
     for name in ("eval_episodes", "save_total_limit"):
         if getattr(run, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(run, name)}")
@@ -270,9 +278,11 @@ def saved_so_far(output_dir: Path) -> str:
     return f"nothing was saved after {newest.name}: resume from it with --resume_from_checkpoint latest"
 
 
-# What a run did before these flags existed (PPO's value-head GAE, slots playing alone).
+# What a run did before these flags existed (PPO's value-head GAE, slots playing alone, training episodes as long as
+# evaluation's).
 FLAG_DEFAULTS_BEFORE_THEY_EXISTED = {"advantage_estimator": "gae", "group_size": 1, "context": "window",
-                                     "value_learning_rate": None, "value_warmup_iterations": 0}
+                                     "value_learning_rate": None, "value_warmup_iterations": 0,
+                                     "train_max_episode_turns": None}
 
 
 def machine_description() -> str:

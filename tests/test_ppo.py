@@ -109,6 +109,7 @@ BAD_FLAGS = [
     (["--advantage_estimator", "gigpo", "--group_size", "2", "--value_warmup_iterations", "1"], "--value_warmup_iterations"),
     (["--curriculum_threshold", "1.5"], "--curriculum_threshold"),
     (["--curriculum_window", "0"], "--curriculum_window"),
+    (["--train_max_episode_turns", "0"], "--train_max_episode_turns"),
     (["--train_games", "tiny > "], "--train_games"),
     (["--train_games", "tiny > tw-nope:level=1"], "--train_games"),
     (["--train_games", "tiny@0"], "--train_games"),
@@ -460,13 +461,20 @@ def test_grpo_plays_groups_of_whole_episodes_and_builds_no_value_head(tiny_model
     output = tmp_path / "ppo"
     log = run_script(tiny_run_args(tiny_model_path, tiny_games, output, num_iterations=2, action_mode="score",
                                    max_candidates=3, report_to="none", advantage_estimator="grpo", group_size=2,
-                                   num_minibatches=1, temperature=4, clip_range_value="none"))
+                                   num_minibatches=1, temperature=4, clip_range_value="none", max_episode_turns=6,
+                                   train_max_episode_turns=2))
     assert "after training" in log
     for folder in (output, output / "checkpoints" / "checkpoint-2"):
         assert not (folder / "value_head.safetensors").exists()
     state = load_file(output / "checkpoints" / "checkpoint-2" / "training_state" / "model.safetensors")
     assert state and not any(key.startswith("value_head.") for key in state)
     rows = load_rollouts(output).to_list()
+    # Training episodes end by --train_max_episode_turns 2; the greedy evaluations play up to --max_episode_turns 6
+    # (the untrained tiny policy wins none, so it plays all 6).
+    assert max(row["turn"] for row in rows) == 2
+    assert all(row["truncated"] for row in rows if row["turn"] == 2 and not row["done"])
+    evals = json.loads((output / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())["evals"]
+    assert evals["before"]["mean_steps"] > 2
     for iteration in (1, 2):
         episodes: dict[tuple, list[dict]] = {}
         for row in rows:
@@ -528,8 +536,8 @@ def test_a_ppo_output_continues_with_its_value_head(tiny_model_path, tmp_path):
 
 
 def test_a_checkpoint_from_before_the_flag_renames_resumes_only_with_its_values(tmp_path):
-    """Its training_args.json says max_episode_steps and has no advantage_estimator: they count as
-    --max_episode_turns and gae when the resume guard compares flags."""
+    """Its training_args.json says max_episode_steps and has no advantage_estimator or train_max_episode_turns: they
+    count as --max_episode_turns, gae and no training cap when the resume guard compares flags."""
     from lib.training import find_resume_checkpoint
 
     checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
@@ -537,9 +545,11 @@ def test_a_checkpoint_from_before_the_flag_renames_resumes_only_with_its_values(
     (checkpoint / "trainer_state.json").write_text(json.dumps({"iteration": 2}))
     (checkpoint / "config.json").write_text("{}")  # a complete checkpoint holds its model
     (checkpoint / "training_args.json").write_text(json.dumps({"max_episode_steps": 12, "seed": 0}))
-    arguments = {"max_episode_turns": 12, "seed": 0, "advantage_estimator": "gae", "group_size": 1}
+    arguments = {"max_episode_turns": 12, "seed": 0, "advantage_estimator": "gae", "group_size": 1,
+                 "train_max_episode_turns": None}
     assert find_resume_checkpoint("latest", str(tmp_path), "iteration", 6, "--num_iterations", arguments, 1) == checkpoint
     for changed, named in (({"max_episode_turns": 30}, "--max_episode_turns 12"),
-                           ({"advantage_estimator": "grpo"}, "--advantage_estimator gae")):
+                           ({"advantage_estimator": "grpo"}, "--advantage_estimator gae"),
+                           ({"train_max_episode_turns": 6}, "--train_max_episode_turns None")):
         with pytest.raises(ValueError, match=named):
             find_resume_checkpoint("latest", str(tmp_path), "iteration", 6, "--num_iterations", {**arguments, **changed}, 1)

@@ -318,12 +318,14 @@ def test_resume_continues_at_the_next_round_and_a_round_keeping_nothing_is_skipp
 def test_score_mode_plays_admissible_commands_and_trains_on_them(tiny_model_path, tiny_games, tmp_path):
     output = tmp_path / "out"
     log = run_script(tiny_args(tiny_model_path, tiny_games, output, num_rounds=1, action_mode="score",
-                               max_candidates=3, length_normalize=True, temperature=4))
+                               max_candidates=3, length_normalize=True, temperature=4, max_episode_turns=6,
+                               train_max_episode_turns=2))
     assert "before training: normalized score" in log and "round 1:" in log
     dataset = load_rollouts(output, prefix="round")
     # ScoringAgent answers with the chosen command itself, which is also the fine-tuning target.
     assert dataset.num_rows > 0 and dataset["response"] == dataset["command"]
     assert set(dataset["command"]) <= {"examine coin", "inventory", "take coin"}  # the tiny games' candidates
+    assert max(dataset["turn"]) == 2  # sampled episodes end by --train_max_episode_turns, not --max_episode_turns 6
     assert (output / "model.safetensors").exists()
 
 

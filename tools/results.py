@@ -152,6 +152,11 @@ EXPERIMENTS["hunts-easy"].update({
                             "--group_size 4 --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4")
        for estimator in ("grpo", "rloo", "gigpo")},
+    # The recipe (and its best critic-free variant) on a second seed: one seed is not a recipe.
+    "ppo_score_least_tried_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --seed 1 --output_dir {out}",
+                                    None, "PPO, score, --least_tried, --mark_tried, revisit reward, --seed 1"),
+    "ppo_rloo_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator rloo --group_size 4 "
+                       "--seed 1 --output_dir {out}", None, "the same as rloo, --seed 1"),
 })
 
 
@@ -178,19 +183,29 @@ EXPERIMENTS["hunts-hard"].update({
                        "--output_dir {out}", None, "the same, curriculum hunts-easy > hunts-hard"),
     **{f"ppo_{estimator}": (HUNTS_HARD_CRITIC_FREE.format(estimator=estimator) + " --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4, 4 iterations")
-       for estimator in ("rloo", "gigpo")},
+       for estimator in ("grpo", "rloo", "gigpo")},
     "ppo_rloo_seed1": (HUNTS_HARD_CRITIC_FREE.format(estimator="rloo") + " --seed 1 --output_dir {out}", None,
                        "the same as rloo, --seed 1"),
     # The PPO rows above end well below their start (0.875): a 4x KL penalty to hold the policy nearer to it.
     "ppo_kl_0.2": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --kl_coef 0.2 --output_dir {out}", None,
                    "PPO, score, --least_tried, --mark_tried, revisit reward, --kl_coef 0.2"),
 })
+# cooking-levels without a value head: whole episodes per iteration, cut at 20 turns in training (levels 1-3's
+# walkthroughs take 5-12 turns, level 4's 25-50) so that an iteration plays at most 160 turns; evaluation keeps 50.
+COOKING_CRITIC_FREE = ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --advantage_estimator {estimator} "
+                       "--group_size 4 --num_iterations 4 --train_max_episode_turns 20")
 EXPERIMENTS["cooking-levels"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried"),
     # Twice the env steps: as many as the mixture model played in all (a third of them on cooking).
     "ppo_score_least_tried_12_iterations": ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --num_iterations 12 "
                                             "--output_dir {out}", None, "the same, 12 iterations"),
+    **{f"ppo_{estimator}": (COOKING_CRITIC_FREE.format(estimator=estimator) + " --output_dir {out}", None,
+                            f"the same, --advantage_estimator {estimator} --group_size 4, 4 iterations, "
+                            "training episodes cut at 20 turns")
+       for estimator in ("grpo", "rloo", "gigpo")},
+    "ppo_gigpo_seed1": (COOKING_CRITIC_FREE.format(estimator="gigpo") + " --seed 1 --output_dir {out}", None,
+                        "the same as gigpo, --seed 1"),
 })
 # One model for the three kinds (configs/ppo_mixture.yaml, evaluated on hunts-hard as it trains), played on each.
 MIXTURE_LABEL = "PPO on the mixture of hunts-easy, hunts-hard and cooking-levels, --least_tried, --mark_tried"
