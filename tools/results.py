@@ -141,6 +141,11 @@ def least_tried_baselines(game_set: str) -> dict:
 
 EXPERIMENTS.update({game_set: {**baselines(game_set), **least_tried_baselines(game_set)}
                     for game_set in ("hunts-easy", "hunts-hard", "cooking-levels")})
+def critic_free(config: str, estimator: str, flags: str = "") -> str:
+    """The command training `config` without a value head: `estimator` over groups of 4 slots, then `flags`."""
+    return f"python ppo_textworld.py {config} --advantage_estimator {estimator} --group_size 4{flags}"
+
+
 EXPERIMENTS["hunts-easy"].update({
     "ppo_score": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --least_tried false --output_dir {out}", None,
                   "PPO, score, --mark_tried, revisit reward"),
@@ -148,15 +153,14 @@ EXPERIMENTS["hunts-easy"].update({
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
     # The same recipe without a value head: each episode against the 3 others of its group on the same game (gigpo:
     # and each turn against the group's turns from the same state).
-    **{f"ppo_{estimator}": (f"python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator {estimator} "
-                            "--group_size 4 --output_dir {out}", None,
+    **{f"ppo_{estimator}": (critic_free("configs/ppo_hunts_easy.yaml", estimator) + " --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4")
        for estimator in ("grpo", "rloo", "gigpo")},
     # The recipe (and its best critic-free variant) on a second seed: one seed is not a recipe.
     "ppo_score_least_tried_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --seed 1 --output_dir {out}",
                                     None, "PPO, score, --least_tried, --mark_tried, revisit reward, --seed 1"),
-    "ppo_rloo_seed1": ("python ppo_textworld.py configs/ppo_hunts_easy.yaml --advantage_estimator rloo --group_size 4 "
-                       "--seed 1 --output_dir {out}", None, "the same as rloo, --seed 1"),
+    "ppo_rloo_seed1": (critic_free("configs/ppo_hunts_easy.yaml", "rloo") + " --seed 1 --output_dir {out}", None,
+                       "the same as rloo, --seed 1"),
 })
 
 
@@ -167,8 +171,7 @@ def played_elsewhere(game_set: str, trained: str, label: str) -> tuple:
 
 
 # hunts-hard without a value head: whole episodes per iteration, so half the iterations for about PPO's env steps.
-HUNTS_HARD_CRITIC_FREE = ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --advantage_estimator {estimator} "
-                          "--group_size 4 --num_iterations 4")
+HUNTS_HARD_CRITIC_FREE_FLAGS = " --num_iterations 4"
 EXPERIMENTS["hunts-hard"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried, revisit reward"),
@@ -181,10 +184,12 @@ EXPERIMENTS["hunts-hard"].update({
     # The same recipe from hunts-easy up: on hunts-hard once 0.8 of the last 32 training episodes are won.
     "ppo_curriculum": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --train_games 'hunts-easy > hunts-hard' "
                        "--output_dir {out}", None, "the same, curriculum hunts-easy > hunts-hard"),
-    **{f"ppo_{estimator}": (HUNTS_HARD_CRITIC_FREE.format(estimator=estimator) + " --output_dir {out}", None,
+    **{f"ppo_{estimator}": (critic_free("configs/ppo_hunts_hard.yaml", estimator, HUNTS_HARD_CRITIC_FREE_FLAGS)
+                            + " --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4, 4 iterations")
        for estimator in ("grpo", "rloo", "gigpo")},
-    "ppo_rloo_seed1": (HUNTS_HARD_CRITIC_FREE.format(estimator="rloo") + " --seed 1 --output_dir {out}", None,
+    "ppo_rloo_seed1": (critic_free("configs/ppo_hunts_hard.yaml", "rloo", HUNTS_HARD_CRITIC_FREE_FLAGS)
+                       + " --seed 1 --output_dir {out}", None,
                        "the same as rloo, --seed 1"),
     # The PPO rows above end well below their start (0.875): a 4x KL penalty to hold the policy nearer to it.
     "ppo_kl_0.2": ("python ppo_textworld.py configs/ppo_hunts_hard.yaml --kl_coef 0.2 --output_dir {out}", None,
@@ -192,19 +197,20 @@ EXPERIMENTS["hunts-hard"].update({
 })
 # cooking-levels without a value head: whole episodes per iteration, cut at 20 turns in training (levels 1-3's
 # walkthroughs take 5-12 turns, level 4's 25-50) so that an iteration plays at most 160 turns; evaluation keeps 50.
-COOKING_CRITIC_FREE = ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --advantage_estimator {estimator} "
-                       "--group_size 4 --num_iterations 4 --train_max_episode_turns 20")
+COOKING_CRITIC_FREE_FLAGS = " --num_iterations 4 --train_max_episode_turns 20"
 EXPERIMENTS["cooking-levels"].update({
     "ppo_score_least_tried": ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --output_dir {out}", None,
                               "PPO, score, --least_tried, --mark_tried"),
     # Twice the env steps: as many as the mixture model played in all (a third of them on cooking).
     "ppo_score_least_tried_12_iterations": ("python ppo_textworld.py configs/ppo_cooking_levels.yaml --num_iterations 12 "
                                             "--output_dir {out}", None, "the same, 12 iterations"),
-    **{f"ppo_{estimator}": (COOKING_CRITIC_FREE.format(estimator=estimator) + " --output_dir {out}", None,
+    **{f"ppo_{estimator}": (critic_free("configs/ppo_cooking_levels.yaml", estimator, COOKING_CRITIC_FREE_FLAGS)
+                            + " --output_dir {out}", None,
                             f"the same, --advantage_estimator {estimator} --group_size 4, 4 iterations, "
                             "training episodes cut at 20 turns")
        for estimator in ("grpo", "rloo", "gigpo")},
-    "ppo_gigpo_seed1": (COOKING_CRITIC_FREE.format(estimator="gigpo") + " --seed 1 --output_dir {out}", None,
+    "ppo_gigpo_seed1": (critic_free("configs/ppo_cooking_levels.yaml", "gigpo", COOKING_CRITIC_FREE_FLAGS)
+                        + " --seed 1 --output_dir {out}", None,
                         "the same as gigpo, --seed 1"),
 })
 # One model for the three kinds (configs/ppo_mixture.yaml, evaluated on hunts-hard as it trains), played on each.
